@@ -1,0 +1,827 @@
+"""``inspect``: one forward pass, every BatchNorm layer measured, the caller's model untouched.
+
+How it works, and why:
+
+* **A private copy.** The forward runs on a shallow-parameter copy of the model: modules
+  and buffers are copied (buffers are what a train-mode forward writes), parameters are
+  shared read-only on the same device, hooks of the caller are not carried over. Modes are
+  applied to the copy only, so any number of threads can inspect one shared model with
+  different modes at once and the caller's model comes back exactly as it was (weights,
+  buffers, training flags, hooks). ``commit=True`` copies the running-stat update back.
+* **One forward, hooks on the copy.** A pre-hook snapshots each layer's running buffers
+  ("before"); a forward hook computes batch statistics and the manual-vs-native check with
+  :func:`bnviz.manual_bn.check_layer` in a few memory passes over a reused scratch buffer.
+* **Copy-on-write, not clone-always.** Tensors kept for display are held by reference. A
+  thread-local :class:`~torch.overrides.TorchFunctionMode` sees every torch call of the
+  forward; when an *in-place* op (``ReLU(inplace=True)``, ``out += identity``) is about to
+  overwrite a kept BN output, the value is cloned first. The same interception names the
+  activation that consumes each BN output and records whether it was in place -- which is
+  exactly why a forward hook that keeps a reference can see post-ReLU values
+  (USER_STORIES.md section 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+
+from . import manual_bn
+from .devices import is_cuda_oom, resolve_device
+from .errors import BnvizError, DeviceError, LayerError
+from .modes import (
+    LayerMode,
+    apply_mode,
+    bn_layers,
+    describe_state,
+    has_running_stats,
+    resolve_modes,
+    stats_used,
+    unknown_layer_error,
+    updates_running_stats,
+)
+
+__all__ = ["inspect", "InspectionReport", "LayerReport", "Prediction"]
+
+# Functions that count as "the activation following a BN layer" when they are the first
+# thing applied to its output.
+ACTIVATIONS = frozenset(
+    """relu relu_ relu6 hardtanh hardtanh_ silu silu_ hardswish hardswish_ gelu sigmoid sigmoid_
+    elu elu_ leaky_relu leaky_relu_ mish selu selu_ celu celu_ softplus tanh tanh_ prelu
+    hardsigmoid hardsigmoid_ threshold threshold_ rrelu rrelu_""".split()
+)
+
+_MODEL_LOCK = threading.RLock()  # guards copying from / committing into a shared model
+
+
+@dataclass
+class Prediction:
+    index: int
+    label: str
+    probability: float
+
+
+@dataclass
+class LayerReport:
+    """Everything measured for one BatchNorm layer in one forward.
+
+    Tensors live on the CPU. ``input``/``output``/``activation_output`` are ``None`` unless
+    the layer was kept (``keep_tensors``). Quantities that do not exist for this layer
+    (running statistics of a layer without buffers, weight of ``affine=False``) are None.
+    """
+
+    name: str
+    type: str
+    index: int
+    num_features: int
+    input_shape: tuple[int, ...]
+    mode: str  # effective state, e.g. "train,track=on,momentum=0.1"
+    mode_source: str  # "model" (the model's own setting) or "override"
+    training: bool
+    track_running_stats: bool
+    has_running_stats: bool
+    momentum: float | None
+    eps: float
+    affine: bool
+    stats_used: str  # "batch" or "running"
+    updates_running_stats: bool
+    count: int  # values per channel the batch statistics are taken over (N*H*W)
+    batch_mean: torch.Tensor
+    batch_var: torch.Tensor  # biased
+    batch_var_unbiased: torch.Tensor | None
+    running_mean_before: torch.Tensor | None
+    running_var_before: torch.Tensor | None
+    running_mean_after: torch.Tensor | None
+    running_var_after: torch.Tensor | None
+    num_batches_tracked_before: int | None
+    num_batches_tracked_after: int | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    update_factor: float | None  # momentum (or 1/num_batches_tracked) actually applied
+    manual_running_mean_after: torch.Tensor | None
+    manual_running_var_after: torch.Tensor | None
+    running_update_max_abs_diff: float | None
+    max_abs_diff: float  # manual vs native output
+    max_rel_diff: float  # max_abs_diff / largest per-channel RMS of the native output
+    channel_max_abs_diff: torch.Tensor
+    activation: str | None = None  # e.g. "relu", "hardtanh" (ReLU6), None if none follows
+    activation_inplace: bool | None = None
+    overwritten_by: str | None = None  # in-place op that later overwrote the BN output
+    input: torch.Tensor | None = None
+    output: torch.Tensor | None = None  # native BN output, as it was right after BN
+    activation_output: torch.Tensor | None = None
+    output_reference: torch.Tensor | None = None  # what a hook keeping a reference sees at the end
+
+    # -- derived quantities -------------------------------------------------------------
+    @property
+    def used_mean(self) -> torch.Tensor:
+        return self.batch_mean if self.stats_used == "batch" else self.running_mean_before
+
+    @property
+    def used_var(self) -> torch.Tensor:
+        return self.batch_var if self.stats_used == "batch" else self.running_var_before
+
+    def mean_shift(self) -> torch.Tensor | None:
+        """(batch mean - running mean) / sqrt(running var + eps): shift in running-std units."""
+        if self.running_mean_before is None:
+            return None
+        return (self.batch_mean - self.running_mean_before) / torch.sqrt(
+            self.running_var_before + self.eps
+        )
+
+    def log_var_ratio(self) -> torch.Tensor | None:
+        """log(batch var / running var) per channel; 0 means the variances agree."""
+        if self.running_var_before is None:
+            return None
+        return torch.log((self.batch_var + self.eps) / (self.running_var_before + self.eps))
+
+    def manual_output(self) -> torch.Tensor:
+        """The literal formula applied to the kept input with the statistics BN used."""
+        if self.input is None:
+            raise LayerError(
+                f"Layer {self.name!r} was inspected without keeping tensors.",
+                "call inspect(..., keep_tensors=True) or name this layer in keep_tensors.",
+            )
+        return manual_bn.manual_batch_norm(
+            self.input, self.used_mean, self.used_var, self.weight, self.bias, self.eps
+        )
+
+    def explain(self, index: tuple[int, ...]) -> dict:
+        """The BN formula for one element ``index`` (n, c, h, w...) with its actual numbers."""
+        if self.input is None or self.output is None:
+            raise LayerError(
+                f"Layer {self.name!r} was inspected without keeping tensors.",
+                "call inspect(..., keep_tensors=True) or name this layer in keep_tensors.",
+            )
+        c = index[1]
+        return manual_bn.explain_element(
+            float(self.input[index]),
+            mean=float(self.used_mean[c]),
+            var=float(self.used_var[c]),
+            eps=self.eps,
+            weight=None if self.weight is None else float(self.weight[c]),
+            bias=None if self.bias is None else float(self.bias[c]),
+            native=float(self.output[index]),
+            stats=self.stats_used,
+        )
+
+    def overwritten_fraction(self) -> float | None:
+        """Fraction of BN output values that a reference-keeping hook sees changed."""
+        if self.output is None or self.output_reference is None:
+            return None
+        return float((self.output != self.output_reference).float().mean())
+
+    def to_dict(self) -> dict:
+        """The CLI's JSON schema for one layer (see README)."""
+        return {
+            "name": self.name,
+            "type": self.type,
+            "num_features": self.num_features,
+            "input_shape": list(self.input_shape),
+            "mode": self.mode,
+            "mode_source": self.mode_source,
+            "training": self.training,
+            "track_running_stats": self.track_running_stats,
+            "momentum": self.momentum,
+            "eps": self.eps,
+            "stats_used": self.stats_used,
+            "updates_running_stats": self.updates_running_stats,
+            "count": self.count,
+            "batch_mean": _list(self.batch_mean),
+            "batch_var": _list(self.batch_var),
+            "running_mean_before": _list(self.running_mean_before),
+            "running_var_before": _list(self.running_var_before),
+            "running_mean_after": _list(self.running_mean_after),
+            "running_var_after": _list(self.running_var_after),
+            "weight": _list(self.weight),
+            "bias": _list(self.bias),
+            "num_batches_tracked_before": self.num_batches_tracked_before,
+            "num_batches_tracked_after": self.num_batches_tracked_after,
+            "update_factor": self.update_factor,
+            "running_update_max_abs_diff": _num(self.running_update_max_abs_diff),
+            "max_abs_diff": _num(self.max_abs_diff),
+            "max_rel_diff": _num(self.max_rel_diff),
+            "activation": self.activation,
+            "activation_inplace": self.activation_inplace,
+            "overwritten_by": self.overwritten_by,
+        }
+
+
+def _num(v: float | None) -> float | None:
+    if v is None or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _list(t: torch.Tensor | None) -> list | None:
+    if t is None:
+        return None
+    return [None if not math.isfinite(v) else v for v in t.detach().double().cpu().tolist()]
+
+
+@dataclass
+class InspectionReport:
+    """The result of :func:`inspect`: one :class:`LayerReport` per BatchNorm layer."""
+
+    model: str
+    weights: str
+    device: str
+    input_shape: tuple[int, ...]
+    preprocessing: str | None
+    model_input: torch.Tensor  # what the network received (after preprocessing), CPU
+    predictions: list[list[Prediction]] | None  # top-k per image
+    layers: list[LayerReport]
+    notes: dict[str, Any] = field(default_factory=dict)
+    committed: bool = False
+    forward_ms: float = 0.0
+
+    def layer(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise unknown_layer_error(name, [layer.name for layer in self.layers])
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def to_frame(self):
+        """A pandas DataFrame, one row per BN layer (the network overview)."""
+        import pandas as pd
+
+        rows = []
+        for layer in self.layers:
+            shift = layer.mean_shift()
+            ratio = layer.log_var_ratio()
+            rows.append(
+                {
+                    "index": layer.index,
+                    "name": layer.name,
+                    "type": layer.type,
+                    "channels": layer.num_features,
+                    "mode": layer.mode,
+                    "mode_source": layer.mode_source,
+                    "stats_used": layer.stats_used,
+                    "updates_running": layer.updates_running_stats,
+                    "momentum": layer.momentum,
+                    "eps": layer.eps,
+                    "mean_shift": None if shift is None else float(shift.abs().mean()),
+                    "mean_shift_max": None if shift is None else float(shift.abs().max()),
+                    "log_var_ratio": None if ratio is None else float(ratio.mean()),
+                    "log_var_ratio_absmax": None if ratio is None else float(ratio.abs().max()),
+                    "max_abs_diff": layer.max_abs_diff,
+                    "max_rel_diff": layer.max_rel_diff,
+                    "running_update_diff": layer.running_update_max_abs_diff,
+                    "activation": layer.activation,
+                    "activation_inplace": layer.activation_inplace,
+                    "overwritten_by": layer.overwritten_by,
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict:
+        """The CLI's public JSON schema (documented in the README)."""
+        return {
+            "model": self.model,
+            "weights": self.weights,
+            "device": self.device,
+            "input_shape": list(self.input_shape),
+            "preprocessing": self.preprocessing,
+            "committed": self.committed,
+            "notes": {k: v for k, v in self.notes.items() if _jsonable(v)},
+            "predictions": None
+            if self.predictions is None
+            else [
+                [{"index": p.index, "label": p.label, "probability": p.probability} for p in row]
+                for row in self.predictions
+            ],
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v, allow_nan=False)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# -- the private copy -----------------------------------------------------------------------
+
+
+def _private_copy(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Copy ``model`` for one inspection without touching it.
+
+    Parameters become new ``Parameter`` objects viewing the same storage (CPU, same device)
+    or device copies; buffers are cloned (a train-mode forward writes them); hook dicts are
+    replaced by empty ones so the caller's hooks neither run nor get deep-copied.
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        data = p.detach()
+        data = data.to(device) if data.device != device else data
+        memo[id(p)] = torch.nn.Parameter(data, requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().to(device, copy=True)
+    for m in model.modules():
+        for key, value in vars(m).items():
+            if "hooks" in key and isinstance(value, dict):
+                memo[id(value)] = OrderedDict()
+    with _MODEL_LOCK:
+        return copy.deepcopy(model, memo)
+
+
+# -- one inspection session -----------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    layer: str
+    ref: weakref.ReferenceType
+
+
+class _Session(TorchFunctionMode):
+    """Hooks + torch-function interception for one forward of the private copy."""
+
+    def __init__(self, names: dict[int, str], keep: set[str], device: torch.device):
+        super().__init__()
+        self.names = names
+        self.keep = keep
+        self.device = device
+        self.scratch = manual_bn.Scratch()
+        self.before: dict[str, dict] = {}
+        self.records: dict[str, dict] = {}
+        self.pending: list[_Pending] = []
+        self.watched: list[tuple[str, str, weakref.ReferenceType]] = []  # (layer, role, ref)
+        self.current: str | None = None
+        self.order: list[str] = []
+
+    # forward pre-hook: snapshot running buffers before BN writes them
+    def pre_hook(self, module: _BatchNorm, args):
+        with torch._C.DisableTorchFunction():
+            name = self.names[id(module)]
+            self.current = name
+            self.before[name] = {
+                "running_mean": _clone(module.running_mean),
+                "running_var": _clone(module.running_var),
+                "nbt": None if module.num_batches_tracked is None
+                else int(module.num_batches_tracked),
+                "stats_used": stats_used(module),
+                "updates": updates_running_stats(module),
+                "mode": describe_state(module),
+                "training": module.training,
+                "track": module.track_running_stats,
+                "momentum": module.momentum,
+            }
+
+    def hook(self, module: _BatchNorm, args, output):
+        with torch._C.DisableTorchFunction():
+            name = self.names[id(module)]
+            x = args[0]
+            before = self.before[name]
+            check = manual_bn.check_layer(
+                x.detach(),
+                output.detach(),
+                weight=module.weight,
+                bias=module.bias,
+                eps=module.eps,
+                running_mean=before["running_mean"],
+                running_var=before["running_var"],
+                use_running=before["stats_used"] == "running",
+                scratch=self.scratch,
+            )
+            rec = {"check": check, "input_shape": tuple(x.shape)}
+            if name in self.keep:
+                rec["input"] = x
+                rec["output"] = output
+                rec["output_ref"] = output
+                self.watched.append((name, "input", weakref.ref(x)))
+                self.watched.append((name, "output", weakref.ref(output)))
+            rec["in_version"] = x._version
+            self.records[name] = rec
+            self.order.append(name)
+            self.pending.append(_Pending(name, weakref.ref(output)))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.pending or self.watched:
+            fname = getattr(func, "__name__", "")
+            inplace = _is_inplace(fname, args, kwargs)
+            if self.pending:
+                self._classify_consumer(fname, inplace, args, kwargs)
+            if inplace and self.watched and args and isinstance(args[0], torch.Tensor):
+                self._copy_on_write(args[0], fname)
+            result = func(*args, **kwargs)
+            if self.pending_activation is not None:
+                name = self.pending_activation
+                self.pending_activation = None
+                if name in self.keep and isinstance(result, torch.Tensor):
+                    self.records[name]["activation_output"] = result
+            return result
+        return func(*args, **kwargs)
+
+    pending_activation: str | None = None
+
+    def _classify_consumer(self, fname, inplace, args, kwargs):
+        flat = _flat_tensors(args, kwargs)
+        for i, p in enumerate(self.pending):
+            t = p.ref()
+            if t is None:
+                self.pending.pop(i)
+                return
+            if any(a is t for a in flat):
+                self.pending.pop(i)
+                rec = self.records[p.layer]
+                base = fname.rstrip("_") if fname not in ACTIVATIONS else fname
+                if fname in ACTIVATIONS or base in ACTIVATIONS:
+                    rec["activation"] = fname.rstrip("_")
+                    rec["activation_inplace"] = inplace
+                    self.pending_activation = p.layer
+                return
+
+    def _copy_on_write(self, target: torch.Tensor, fname: str):
+        ptr = _storage_ptr(target)
+        for layer, role, ref in self.watched:
+            t = ref()
+            if t is None or _storage_ptr(t) != ptr:
+                continue
+            rec = self.records[layer]
+            key = role
+            if rec.get(key) is t:  # first overwrite: keep the value as it was
+                with torch._C.DisableTorchFunction():
+                    rec[key] = t.clone()
+            if role == "output":
+                rec.setdefault("overwritten_by", fname)
+            else:
+                rec.setdefault("input_overwritten_by", fname)
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return id(t)
+
+
+def _is_inplace(fname: str, args, kwargs) -> bool:
+    if kwargs.get("inplace") is True:
+        return True
+    if fname.endswith("_") and not fname.startswith("__"):
+        return True
+    if fname.startswith("__i") and fname.endswith("__"):  # __iadd__, __imul__, ...
+        return True
+    if fname in ACTIVATIONS and len(args) > 1 and args[-1] is True:
+        return True  # F.relu(x, True)
+    out = kwargs.get("out")
+    return isinstance(out, torch.Tensor)
+
+
+def _flat_tensors(args, kwargs) -> list:
+    flat: list = []
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            flat.append(a)
+        elif isinstance(a, list | tuple):
+            flat.extend(x for x in a if isinstance(x, torch.Tensor))
+    return flat
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().clone()
+
+
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    t = t.detach()
+    if t.is_floating_point() and t.dtype != torch.float32 and t.dtype != torch.float64:
+        t = t.float()
+    return t.cpu() if t.device.type != "cpu" else t
+
+
+# -- the public function ---------------------------------------------------------------------
+
+
+def inspect(
+    model,
+    x: torch.Tensor,
+    modes: str | LayerMode | Mapping[str, str | LayerMode] | None = None,
+    device: str | torch.device | None = "auto",
+    *,
+    keep_tensors: bool | Iterable[str] = True,
+    other_modules: str = "eval",
+    commit: bool = False,
+    top_k: int = 5,
+) -> InspectionReport:
+    """Run one forward of ``model`` on ``x`` and measure every BatchNorm layer.
+
+    Args:
+        model: a :class:`bnviz.models.LoadedModel` (``x`` are then raw images in [0, 1] and
+            the model's preprocessing is applied and recorded) or any ``nn.Module`` (``x`` is
+            fed as it is; BatchNorm1d/2d/3d and SyncBatchNorm are all inspected).
+        x: the input batch.
+        modes: one mode string for every BN layer (``"eval"``, ``"train,momentum=none"``,
+            ...) or ``{layer name: mode}``; layers not named keep the model's own setting.
+            See :mod:`bnviz.modes`.
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``. Report tensors are
+            always on the CPU.
+        keep_tensors: keep each layer's input, native output and activation output
+            (``True``), none of them (``False``, statistics only: the cheapest), or only
+            the named layers.
+        other_modules: ``"eval"`` (default) runs non-BN modules such as Dropout in eval so
+            the numbers are reproducible; ``"keep"`` leaves them as the model has them.
+        commit: copy the running-stat update of this forward back into ``model``'s
+            buffers. Without it the caller's model is never modified.
+        top_k: number of predictions per image (when the output looks like class logits).
+
+    Returns:
+        An :class:`InspectionReport`.
+
+    Example::
+
+        >>> import bnviz
+        >>> m = bnviz.load_model("efficientnet_lite0")
+        >>> x = bnviz.make_stimulus("image", name="chelsea", batch_size=4, composition="jitter")
+        >>> r = bnviz.inspect(m, x, modes="train", keep_tensors=False)
+        >>> r.layers[0].stats_used, r.layers[0].max_abs_diff < 1e-4
+        ('batch', True)
+    """
+    if other_modules not in ("eval", "keep"):
+        raise BnvizError(f"Invalid other_modules {other_modules!r}.", "use 'eval' or 'keep'.")
+    # Duck-typed so this module does not import torchvision (bnviz.models does).
+    is_loaded = hasattr(model, "module") and hasattr(model, "preprocess")
+    loaded = model if is_loaded and not isinstance(model, torch.nn.Module) else None
+    module = loaded.module if loaded is not None else model
+    if not isinstance(module, torch.nn.Module):
+        raise BnvizError(
+            f"inspect() needs an nn.Module or a bnviz LoadedModel, got {type(model).__name__}.",
+            "pass bnviz.load_model(name) or your own torch.nn.Module.",
+        )
+    if not isinstance(x, torch.Tensor):
+        raise BnvizError(
+            f"inspect() needs a tensor input, got {type(x).__name__}.",
+            "use bnviz.make_stimulus(...) or a torch.Tensor of shape (N, C, H, W).",
+        )
+    dev = resolve_device(device)
+    names = [n for n, _ in bn_layers(module)]
+    requested = resolve_modes(modes, names)
+    if keep_tensors is True:
+        keep = set(names)
+    elif keep_tensors is False or keep_tensors is None:
+        keep = set()
+    else:
+        keep = set(keep_tensors)
+        for n in keep:
+            if n not in names:
+                raise unknown_layer_error(n, names)
+
+    preprocessing = None
+    model_input = x.detach()
+    if loaded is not None:
+        model_input = loaded.preprocess(model_input)
+        preprocessing = loaded.preprocess.description
+    try:
+        return _run(module, loaded, model_input, preprocessing, requested, dev, keep,
+                    other_modules, commit, top_k, names)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise DeviceError(
+            f"CUDA ran out of memory inspecting a batch of shape {tuple(x.shape)}.",
+            "use a smaller batch size or image, keep fewer tensors, or --device cpu.",
+        ) from exc
+    except RuntimeError as exc:
+        if is_cuda_oom(exc):
+            raise DeviceError(
+                f"Out of memory inspecting a batch of shape {tuple(x.shape)}.",
+                "use a smaller batch size or image, or keep fewer tensors.",
+            ) from exc
+        raise
+
+
+def _run(module, loaded, model_input, preprocessing, requested, dev, keep, other_modules,
+         commit, top_k, names) -> InspectionReport:
+    private = _private_copy(module, dev)
+    # Training flags: copy the original's, then (optionally) eval for non-BN modules.
+    originals = dict(module.named_modules())
+    for name, m in private.named_modules():
+        orig = originals[name]
+        if isinstance(m, _BatchNorm) or other_modules == "keep":
+            m.training = orig.training
+        else:
+            m.training = False
+    private_bns = dict(bn_layers(private))
+    private_bns = {n: _as_plain_bn(private, n, m) for n, m in private_bns.items()}
+    for name, mode in requested.items():
+        apply_mode(private_bns[name], mode)
+
+    session = _Session({id(m): n for n, m in private_bns.items()}, keep, dev)
+    handles = []
+    for m in private_bns.values():
+        handles.append(m.register_forward_pre_hook(session.pre_hook))
+        handles.append(m.register_forward_hook(session.hook))
+    inp = model_input.to(dev)
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad(), session:
+            out = private(inp)
+    except ValueError as exc:
+        if "Expected more than 1 value per channel" in str(exc):
+            layer = session.current or "?"
+            raise LayerError(
+                f"Layer {layer!r} is in train mode but gets one value per channel "
+                f"(batch statistics of a single value are undefined; PyTorch says: {exc}).",
+                f"use batch size >= 2 or a larger image, or put that layer in eval "
+                f"(modes={{'{layer}': 'eval'}}, CLI: --layer-mode {layer}=eval).",
+            ) from exc
+        raise
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    forward_ms = (time.perf_counter() - t0) * 1000
+    session.scratch.release()
+
+    layers = []
+    for idx, name in enumerate(session.order):
+        layers.append(_layer_report(idx, name, private_bns[name], session, requested))
+    notes: dict[str, Any] = {}
+    if loaded is not None:
+        notes.update(loaded.notes)
+    if not names:
+        notes["no_batchnorm"] = "this model has no BatchNorm layers"
+    missing = [n for n in names if n not in session.records]
+    if missing:
+        notes["layers_not_called"] = missing
+    notes["other_modules"] = other_modules
+
+    committed = False
+    if commit:
+        committed = _commit(module, private_bns)
+
+    return InspectionReport(
+        model=loaded.name if loaded is not None else type(module).__name__,
+        weights=loaded.weights if loaded is not None else "caller's module",
+        device=str(dev),
+        input_shape=tuple(model_input.shape),
+        preprocessing=preprocessing,
+        model_input=_cpu(model_input),
+        predictions=_predictions(out, loaded, top_k),
+        layers=layers,
+        notes=notes,
+        committed=committed,
+        forward_ms=forward_ms,
+    )
+
+
+class _AnyDimBatchNorm(_BatchNorm):
+    """SyncBatchNorm on one device is plain BatchNorm; accepts any (N, C, ...) input."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+def _as_plain_bn(root: torch.nn.Module, name: str, m: _BatchNorm) -> _BatchNorm:
+    if not isinstance(m, torch.nn.SyncBatchNorm):
+        return m
+    plain = _AnyDimBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    plain.weight, plain.bias = m.weight, m.bias
+    plain.running_mean, plain.running_var = m.running_mean, m.running_var
+    plain.num_batches_tracked = m.num_batches_tracked
+    plain.training = m.training
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, plain)
+    return plain
+
+
+def _layer_report(idx, name, bn: _BatchNorm, session: _Session, requested) -> LayerReport:
+    rec = session.records[name]
+    before = session.before[name]
+    check: manual_bn.LayerCheck = rec["check"]
+    nbt_after = None if bn.num_batches_tracked is None else int(bn.num_batches_tracked)
+    rm_after = _cpu(_clone(bn.running_mean))
+    rv_after = _cpu(_clone(bn.running_var))
+    factor = man_m = man_v = diff = None
+    if before["updates"]:
+        factor = manual_bn.running_update_factor(before["momentum"], nbt_after)
+        if check.batch.var_unbiased is not None:
+            man_m, man_v = manual_bn.manual_running_update(
+                before["running_mean"], before["running_var"],
+                check.batch.mean, check.batch.var_unbiased, factor,
+            )
+            man_m, man_v = _cpu(man_m), _cpu(man_v)
+            diff = max(float((man_m - rm_after).abs().max()), float((man_v - rv_after).abs().max()))
+    type_name = type(bn).__name__
+    if isinstance(bn, _AnyDimBatchNorm):
+        type_name = "SyncBatchNorm (as BatchNorm)"
+    act_out = rec.get("activation_output")
+    return LayerReport(
+        name=name,
+        type=type_name,
+        index=idx,
+        num_features=bn.num_features,
+        input_shape=rec["input_shape"],
+        mode=before["mode"],
+        mode_source="override" if name in requested else "model",
+        training=before["training"],
+        track_running_stats=before["track"],
+        has_running_stats=before["running_mean"] is not None,
+        momentum=before["momentum"],
+        eps=bn.eps,
+        affine=bn.affine,
+        stats_used=before["stats_used"],
+        updates_running_stats=before["updates"],
+        count=check.batch.count,
+        batch_mean=_cpu(check.batch.mean),
+        batch_var=_cpu(check.batch.var),
+        batch_var_unbiased=_cpu(check.batch.var_unbiased),
+        running_mean_before=_cpu(before["running_mean"]),
+        running_var_before=_cpu(before["running_var"]),
+        running_mean_after=rm_after,
+        running_var_after=rv_after,
+        num_batches_tracked_before=before["nbt"],
+        num_batches_tracked_after=nbt_after,
+        weight=_cpu(_clone(bn.weight)),
+        bias=_cpu(_clone(bn.bias)),
+        update_factor=factor,
+        manual_running_mean_after=man_m,
+        manual_running_var_after=man_v,
+        running_update_max_abs_diff=diff,
+        max_abs_diff=check.max_abs_diff,
+        max_rel_diff=check.max_rel_diff,
+        channel_max_abs_diff=_cpu(check.channel_max_abs_diff),
+        activation=rec.get("activation"),
+        activation_inplace=rec.get("activation_inplace"),
+        overwritten_by=rec.get("overwritten_by"),
+        input=_cpu(rec.get("input")),
+        output=_cpu(rec.get("output")),
+        activation_output=_cpu(act_out),
+        output_reference=_cpu(rec.get("output_ref")),
+    )
+
+
+def _commit(module: torch.nn.Module, private_bns: dict[str, _BatchNorm]) -> bool:
+    """Write the private copy's running buffers back into the caller's model."""
+    changed = False
+    with _MODEL_LOCK, torch.no_grad():
+        for name, orig in bn_layers(module):
+            new = private_bns[name]
+            if not has_running_stats(orig) or not has_running_stats(new):
+                continue
+            orig.running_mean.copy_(new.running_mean)
+            orig.running_var.copy_(new.running_var)
+            if orig.num_batches_tracked is not None and new.num_batches_tracked is not None:
+                orig.num_batches_tracked.copy_(new.num_batches_tracked)
+            changed = True
+    return changed
+
+
+def logits_of(out: Any) -> torch.Tensor | None:
+    """The class-logit tensor of a model output (tensor, GoogLeNet/Inception tuples, dict)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, Mapping):
+        if "out" in out:
+            return out["out"]
+        out = list(out.values())
+    if isinstance(out, list | tuple) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+def _predictions(out, loaded, top_k) -> list[list[Prediction]] | None:
+    logits = logits_of(out)
+    if logits is None or logits.dim() != 2 or logits.shape[1] < 2:
+        return None
+    probs = torch.softmax(logits.detach().float(), dim=1).cpu()
+    k = min(top_k, probs.shape[1])
+    values, indices = probs.topk(k, dim=1)
+    names = loaded.class_names if loaded is not None else None
+    rows = []
+    for vals, idxs in zip(values.tolist(), indices.tolist()):
+        rows.append(
+            [
+                Prediction(
+                    index=i,
+                    label=names[i] if names and i < len(names) else f"class {i}",
+                    probability=v,
+                )
+                for v, i in zip(vals, idxs)
+            ]
+        )
+    return rows
