@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from .errors import BnvizError
 
 EXIT_USER_ERROR = 2
+#: Modules that add subcommands through ``register_cli(subparsers)``.
+PLUGINS = ("bnviz.pitfalls.cli", "bnviz.training")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,8 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
 
-    for plugin in ("bnviz.pitfalls.cli", "bnviz.training"):
-        importlib.import_module(plugin).register_cli(sub)
+    for plugin in PLUGINS:
+        try:
+            module = importlib.import_module(plugin)
+        except ModuleNotFoundError as exc:  # a plug-in not installed in this build
+            if exc.name != plugin:
+                raise
+            continue
+        module.register_cli(sub)
     return parser
 
 
@@ -103,11 +111,11 @@ def _cell(v) -> str:
 
 
 def cmd_models(args) -> int:
-    from .models import count_bn_layers, list_models, load_model, weights_status
+    from .models import architecture_bn_count, list_models, weights_status
 
     rows = []
     for name in list_models():
-        bn = count_bn_layers(load_model(name, weights=None).module)
+        bn = architecture_bn_count(name)
         rows.append({"model": name, "bn_layers": bn,
                      "weights": weights_status(name, check_network=not args.offline)})
     if args.json:

@@ -431,3 +431,25 @@ def test_cuda_report_tensors_on_cpu_and_match_cpu():
         assert a.output.device.type == "cpu"
         torch.testing.assert_close(a.output, b.output, rtol=1e-4, atol=1e-4)
         assert a.max_rel_diff < 1e-5
+
+
+def test_pooled_copies_are_reset_between_calls():
+    """Reusing a private copy must not leak one call's modes or buffers into the next."""
+    net = small_net()
+    x = torch.randn(3, 3, 6, 6)
+    fresh_eval = bnviz.inspect(net, x, modes="eval", keep_tensors=False)
+    for mode in ["train", "eval,track=none", "train,momentum=none", "train,track=off"]:
+        bnviz.inspect(net, x, modes=mode, keep_tensors=False)
+        again = bnviz.inspect(net, x, keep_tensors=False)  # model's own settings: eval
+        for a, b in zip(again.layers, fresh_eval.layers):
+            assert a.mode == b.mode and a.stats_used == "running"
+            assert torch.equal(a.running_mean_before, b.running_mean_before)
+            assert a.num_batches_tracked_before == b.num_batches_tracked_before
+    # An in-place weight edit and a replaced module on the caller's model are seen at once.
+    with torch.no_grad():
+        net[1].weight.mul_(2)
+    edited = bnviz.inspect(net, x, keep_tensors=False)
+    assert torch.equal(edited.layers[0].weight, net[1].weight)
+    net[4] = nn.BatchNorm2d(6, momentum=0.7).eval()
+    replaced = bnviz.inspect(net, x, keep_tensors=False)
+    assert replaced.layers[1].momentum == 0.7
