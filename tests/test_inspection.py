@@ -453,3 +453,18 @@ def test_pooled_copies_are_reset_between_calls():
     net[4] = nn.BatchNorm2d(6, momentum=0.7).eval()
     replaced = bnviz.inspect(net, x, keep_tensors=False)
     assert replaced.layers[1].momentum == 0.7
+
+
+def test_out_of_memory_becomes_a_clear_error():
+    class Hungry(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            self.bn(x)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(bnviz.DeviceError) as err:
+        bnviz.inspect(Hungry(), torch.randn(2, 3, 4, 4))
+    assert "out of memory" in str(err.value) and "smaller batch" in str(err.value)
