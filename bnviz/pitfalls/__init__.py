@@ -47,5 +47,16 @@ def run_experiment(name: str, **kwargs) -> PitfallResult:
     return experiments[name].run(**kwargs)
 
 
-__all__ = ["EXPERIMENT_MODULES", "Experiment", "PitfallResult", "REGISTRY", "load_all",
-           "register", "run_experiment"]
+def __getattr__(name: str):
+    """Lazy re-exports of the reusable tools, e.g. ``from bnviz.pitfalls import preserve_modes``."""
+    if name in ("audit_modes", "preserve_modes"):
+        from . import mode_guard
+
+        return getattr(mode_guard, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "EXPERIMENT_MODULES", "Experiment", "PitfallResult", "REGISTRY", "audit_modes", "load_all",
+    "preserve_modes", "register", "run_experiment",
+]

@@ -1,0 +1,639 @@
+"""Experiment 5: per-layer BN modes silently lost, and a guard that keeps them.
+
+USER_STORIES.md section 4: a user set only ``net.bn.eval()`` (to freeze one layer of a model
+that is otherwise training) and then called ``torch.onnx.export(net, ...)``. The exporter
+switches the whole model to eval and back with ``net.train(originally_training)`` - the
+*top-level* flag - and ``train()`` recurses, so the frozen layer silently returned to
+training mode and the next forward updated its running statistics.
+
+This module provides the two helpers that make the problem visible and avoidable:
+
+* :func:`audit_modes` lists the BatchNorm layers whose ``training`` flag differs from their
+  model's (the layers a recursive ``train()``/``eval()`` would overwrite);
+* :func:`preserve_modes` is a context manager that snapshots every module's ``training`` flag
+  and restores it on exit, even when the operation raises.
+
+The experiment tries the real ``torch.onnx.export`` (the legacy TorchScript exporter, the one
+with the mode round trip) and watches the calls it makes to ``net.train``. When no exporter
+is usable here (it needs the ``onnx`` package) the export may still run its mode round trip
+before it fails; if it never reaches it, the experiment performs the round trip that causes
+the loss, ``net.train(net.training)``, and says so in the result.
+
+The second half of the module is the small shared plumbing of experiments 5-8 (loading a
+model with an honest random-init fallback, a real photo batch, CLI options and page
+controls), kept here so that each experiment module stays about its own pitfall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import io
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..devices import available_devices, resolve_device
+from ..errors import BnvizError, LayerError, WeightsUnavailableError
+from ..models import DEFAULT_MODEL, LoadedModel, list_models, load_model
+from ..modes import bn_layers, stats_used, unknown_layer_error
+from ..stimuli import PHOTOS, make_stimulus
+from .base import Experiment, PitfallResult, register
+
+__all__ = [
+    "ModeRow",
+    "audit_modes",
+    "preserve_modes",
+    "round_trip",
+    "try_onnx_export",
+    "run",
+]
+
+# ============================================================================================
+# Public helpers: audit and guard
+# ============================================================================================
+
+
+class ModeRow(NamedTuple):
+    """One BatchNorm layer whose mode differs from its model's (a row of the audit)."""
+
+    layer: str
+    layer_training: bool
+    model_training: bool
+
+
+def audit_modes(model: nn.Module) -> list[ModeRow]:
+    """BatchNorm layers whose ``training`` flag differs from ``model.training``.
+
+    These are exactly the layers that any recursive ``model.train(...)``/``model.eval()``
+    (including the one hidden inside ``torch.onnx.export``) would silently overwrite.
+    An empty list means every BN layer follows the model.
+    """
+    return [
+        ModeRow(name, bool(bn.training), bool(model.training))
+        for name, bn in bn_layers(model)
+        if bool(bn.training) != bool(model.training)
+    ]
+
+
+@contextlib.contextmanager
+def preserve_modes(model: nn.Module) -> Iterator[dict[str, bool]]:
+    """Restore every module's ``training`` flag on exit, even if the body raises.
+
+    Flags are written back directly (``module.training = flag``) rather than through
+    ``train()``, because ``train()`` recurses and would overwrite the children again - the
+    very bug this guards against. Yields the snapshot ``{module name: training}``.
+    """
+    saved = [(name, module, module.training) for name, module in model.named_modules()]
+    try:
+        yield {name: flag for name, _, flag in saved}
+    finally:
+        for _, module, flag in saved:
+            module.training = flag
+
+
+def round_trip(model: nn.Module) -> None:
+    """``model.train(model.training)``: what exporters do after switching to eval.
+
+    Looks like a no-op but is not: ``train()`` recurses, so every submodule (including a BN
+    layer the user set to eval) gets the top-level flag.
+    """
+    model.train(model.training)
+
+
+@dataclass
+class ExportAttempt:
+    """What one ``torch.onnx.export`` call did to the model's modes."""
+
+    completed: bool
+    error: str | None
+    train_calls: list[bool]  # arguments of every model.train(...) the exporter made
+
+
+def try_onnx_export(model: nn.Module, x: torch.Tensor) -> ExportAttempt:
+    """Run ``torch.onnx.export(model, (x,), <in-memory file>, dynamo=False)`` and watch it.
+
+    The legacy TorchScript exporter is used on purpose: it is the one with the
+    ``model.train(originally_training)`` round trip of the story. Its calls to
+    ``model.train`` are recorded through an instance attribute (removed afterwards), so the
+    result can say what the exporter itself did, even when the export then fails (it needs
+    the ``onnx`` package to write the file). Any exception is reported, never raised: an
+    unusable exporter is a finding of this experiment, not an error.
+    """
+    calls: list[bool] = []
+    original_train = model.train
+
+    def spy(mode: bool = True):
+        calls.append(bool(mode))
+        return original_train(mode)
+
+    object.__setattr__(model, "train", spy)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), io.BytesIO(), dynamo=False)
+        return ExportAttempt(True, None, calls)
+    except Exception as exc:  # noqa: BLE001 - any exporter failure is reported as data
+        return ExportAttempt(False, f"{type(exc).__name__}: {exc}"[:300], calls)
+    finally:
+        object.__delattr__(model, "train")
+
+
+# ============================================================================================
+# Shared plumbing of experiments 5-8
+# ============================================================================================
+
+MIN_SIZE = 32
+MAX_SIZE = 512
+MAX_BATCH = 64
+#: Small images keep every run quick on a laptop CPU; none of the effects shown depends on
+#: the image size (``size=224`` gives the models' native size).
+DEFAULT_SIZE = 112
+SIZE_CHOICES = (64, 96, 112, 160, 224)
+WEIGHTS_CHOICES = ("auto", "random")
+_RANDOM_WORDS = ("random", "none", "random init", "random_init")
+
+
+@dataclass
+class Setup:
+    """A loaded model, its device and a real photo batch (raw and preprocessed)."""
+
+    loaded: LoadedModel
+    device: torch.device
+    raw: torch.Tensor  # (N, 3, S, S) in [0, 1], CPU
+    x: torch.Tensor  # preprocessed, on ``device``
+    owned: bool  # True when this experiment loaded the model itself
+    weights_note: str | None
+    stimulus: str
+
+    @property
+    def label(self) -> str:
+        """The model name, with "(random init)" spelled out when that is what it is."""
+        name = self.loaded.name
+        return f"{name} (random init)" if self.loaded.is_random_init else name
+
+    def private_module(self) -> nn.Module:
+        """A module this experiment may modify: never the caller's own object."""
+        module = self.loaded.module if self.owned else copy.deepcopy(self.loaded.module)
+        return module.to(self.device)
+
+    def result_fields(self) -> dict[str, Any]:
+        return {"model": self.loaded.name, "weights": self.loaded.weights,
+                "device": str(self.device)}
+
+    def data_fields(self) -> dict[str, Any]:
+        data = {"stimulus": self.stimulus, "input_shape": list(self.raw.shape),
+                "weights_status": self.loaded.weights_status}
+        if self.weights_note:
+            data["weights_note"] = self.weights_note
+        return data
+
+
+def _random_model(name: str, seed: int) -> LoadedModel:
+    # Seeded in a forked RNG: the same seed gives the same random network (reproducible
+    # numbers), and the caller's global random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return load_model(name, weights=None)
+
+
+def load_with_fallback(model: str | LoadedModel, weights: Any = "auto", seed: int = 0
+                       ) -> tuple[LoadedModel, bool, str | None]:
+    """``(loaded, owned, note)``; offline torchvision weights fall back to random init.
+
+    ``weights``: "auto"/"pretrained" (pretrained, else random init), "random"/None, or a
+    checkpoint path. The fallback is never silent: ``note`` says why, and the model's
+    ``weights`` label reads "random init" wherever the result is shown. Random init is
+    seeded with ``seed``.
+    """
+    if isinstance(model, LoadedModel):
+        return model, False, None
+    if weights is None or (isinstance(weights, str)
+                           and weights.strip().lower() in _RANDOM_WORDS):
+        return _random_model(model, seed), True, None
+    if isinstance(weights, str) and weights.strip().lower() == "auto":
+        weights = "pretrained"
+    try:
+        return load_model(model, weights=weights), True, None
+    except WeightsUnavailableError as exc:
+        note = f"pretrained weights unavailable here ({exc.problem}); using random init"
+        return _random_model(model, seed), True, note
+
+
+def check_int(what: str, value: Any, lo: int, hi: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number != value or not lo <= number <= hi:
+        raise BnvizError(f"{what} must be an integer from {lo} to {hi}, got {value!r}.",
+                         f"pass a {what} between {lo} and {hi}.")
+    return number
+
+
+def prepare(model: str | LoadedModel = DEFAULT_MODEL, weights: Any = "auto",
+            photo: str = "chelsea", batch_size: int = 4, size: int | None = DEFAULT_SIZE,
+            seed: int = 0, device: str = "auto") -> Setup:
+    """Load the model (with fallback), pick the device, and build a jittered photo batch.
+
+    ``size=None`` means the model's own input size.
+    """
+    dev = resolve_device(device)
+    batch_size = check_int("batch size", batch_size, 1, MAX_BATCH)
+    loaded, owned, note = load_with_fallback(model, weights, seed)
+    if not bn_layers(loaded.module):
+        raise LayerError(f"{loaded.name} has no BatchNorm layers, so there is nothing to show.",
+                         "choose a model with BatchNorm, e.g. efficientnet_lite0 or resnet18.")
+    size = loaded.preprocess.input_size if size is None else check_int(
+        "image size", size, MIN_SIZE, MAX_SIZE)
+    raw = make_stimulus("image", size=size, batch_size=batch_size, composition="jitter",
+                        seed=seed, name=photo)
+    x = loaded.preprocess(raw).to(dev)
+    stimulus = f"photo {photo!r}, {batch_size} jittered copies, {size}x{size} px"
+    return Setup(loaded, dev, raw, x, owned, note, stimulus)
+
+
+def bn_models() -> list[str]:
+    """Registry models that have BatchNorm layers (AlexNet has none)."""
+    return [m for m in list_models() if m != "alexnet"]
+
+
+def train_forward_error(exc: ValueError) -> BnvizError | None:
+    """PyTorch's "Expected more than 1 value per channel" as a fix-it message."""
+    if "more than 1 value per channel" not in str(exc):
+        return None
+    return BnvizError(
+        "A BatchNorm layer in train mode got only one value per channel (batch of 1 and a "
+        "1x1 feature map), so its batch variance is undefined.",
+        "use a batch size of at least 2 or a larger image size.",
+    )
+
+
+def add_option(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
+    """Add an option unless the shared pitfalls CLI already defines one of its flags."""
+    existing = getattr(parser, "_option_string_actions", {})
+    if any(flag in existing for flag in flags):
+        return
+    parser.add_argument(*flags, **kwargs)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
+    add_option(parser, "--model", default=DEFAULT_MODEL,
+               help=f"model name (default: {DEFAULT_MODEL}); see 'bnviz models'")
+    add_option(parser, "--weights", default="auto",
+               help="auto | pretrained (both fall back to random init, labelled so, when "
+                    "the weights cannot be had) | random | PATH (default: auto)")
+    add_option(parser, "--photo", default="chelsea", choices=list(PHOTOS),
+               help="bundled photo for the batch (default: chelsea)")
+    add_option(parser, "--batch-size", type=int, default=batch_size,
+               help=f"images in the batch, jittered copies of the photo (default: {batch_size})")
+    add_option(parser, "--size", type=int, default=DEFAULT_SIZE,
+               help=f"image size in px (default: {DEFAULT_SIZE}; 224 is the models' own)")
+    add_option(parser, "--seed", type=int, default=0, help="jitter seed (default: 0)")
+    add_option(parser, "--device", default="auto", help="auto | cpu | cuda (default: auto)")
+
+
+def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("model", "weights", "photo", "batch_size", "size", "seed", "device")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+@functools.lru_cache(maxsize=16)
+def bn_names(model: str) -> tuple[str, ...]:
+    """BN layer names of ``model``'s architecture (built without weights: names only)."""
+    return tuple(n for n, _ in bn_layers(load_model(model, weights=None).module))
+
+
+def layer_control(st: Any, key: str, model: str, label: str, *, multi: bool = False
+                  ) -> list[str] | str:
+    """A selectbox (or multiselect) of the model's BN layers; default: the first."""
+    names = list(bn_names(model))
+    if multi:
+        return st.multiselect(label, names, default=names[:1], key=f"{key}_layers_{model}")
+    return st.selectbox(label, names, index=0, key=f"{key}_layer_{model}")
+
+
+def common_controls(st: Any, key: str, *, batch_size: int) -> dict[str, Any]:
+    """The model/weights/photo/batch/size/device widgets of experiments 5-8."""
+    cols = st.columns(3)
+    models = bn_models()
+    model = cols[0].selectbox("Model", models, index=0, key=f"{key}_model")
+    weights = cols[1].selectbox(
+        "Weights", list(WEIGHTS_CHOICES), index=0, key=f"{key}_weights",
+        help="auto: pretrained when available (efficientnet_lite0 is bundled), else random "
+             "init, labelled as such")
+    photo = cols[2].selectbox("Photo", list(PHOTOS), index=0, key=f"{key}_photo")
+    cols = st.columns(3)
+    batch = cols[0].number_input("Batch size", min_value=1, max_value=16, value=batch_size,
+                                 step=1, key=f"{key}_batch")
+    size = cols[1].select_slider("Image size (px)", list(SIZE_CHOICES), value=DEFAULT_SIZE,
+                                 key=f"{key}_size")
+    devices = ["auto", *available_devices()]
+    device = cols[2].selectbox("Device", devices, index=0, key=f"{key}_device")
+    return {"model": model, "weights": weights, "photo": photo, "batch_size": int(batch),
+            "size": int(size), "device": device}
+
+
+# ============================================================================================
+# The experiment
+# ============================================================================================
+
+METHODS = ("auto", "export", "round-trip")
+_EXPORT_CODE = "torch.onnx.export(net, (x,), f, dynamo=False)"
+_ROUND_TRIP_CODE = "net.train(net.training)"
+
+
+def _bn_state(bn: nn.Module) -> dict[str, torch.Tensor | None]:
+    return {k: (None if getattr(bn, k) is None else getattr(bn, k).detach().clone())
+            for k in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def _changes(before: dict, bn: nn.Module) -> dict[str, float | int | None]:
+    after = _bn_state(bn)
+    if before["running_mean"] is None or after["running_mean"] is None:
+        return {"mean": None, "var": None, "batches": None}
+    return {
+        "mean": float((after["running_mean"] - before["running_mean"]).abs().max()),
+        "var": float((after["running_var"] - before["running_var"]).abs().max()),
+        "batches": int(after["num_batches_tracked"] - before["num_batches_tracked"]),
+    }
+
+
+def _operate(net: nn.Module, x: torch.Tensor, method: str) -> dict[str, Any]:
+    """Run the mode-losing operation; ``method`` is "export" or "round-trip"."""
+    if method == "export":
+        attempt = try_onnx_export(net, x)
+        return {"method": "export", "code": _EXPORT_CODE, "export_completed": attempt.completed,
+                "export_error": attempt.error, "train_calls": attempt.train_calls}
+    round_trip(net)
+    return {"method": "round-trip", "code": _ROUND_TRIP_CODE, "train_calls": [net.training]}
+
+
+def _configure(base: nn.Module, layers: list[str]) -> nn.Module:
+    net = copy.deepcopy(base)
+    net.train()
+    for name in layers:
+        net.get_submodule(name).eval()
+    return net
+
+
+def _next_forward(net: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[str, dict]:
+    """One forward of the (train-mode) model; running-stat change of each named layer."""
+    before = {n: _bn_state(net.get_submodule(n)) for n in layers}
+    try:
+        with torch.no_grad():
+            net(x)
+    except ValueError as exc:
+        err = train_forward_error(exc)
+        if err is None:
+            raise
+        raise err from exc
+    return {n: _changes(before[n], net.get_submodule(n)) for n in layers}
+
+
+def _resolve_layers(layers: Any, names: list[str]) -> list[str]:
+    if layers is None or layers == [] or layers == "":
+        return names[:1]
+    if isinstance(layers, str):
+        layers = [s.strip() for s in layers.split(",") if s.strip()]
+    out = []
+    for name in layers:
+        if name not in names:
+            raise unknown_layer_error(name, names)
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def run(model: str | LoadedModel = DEFAULT_MODEL, weights: Any = "auto",
+        layers: list[str] | str | None = None, photo: str = "chelsea", batch_size: int = 2,
+        size: int | None = DEFAULT_SIZE, seed: int = 0, device: str = "auto",
+        method: str = "auto") -> PitfallResult:
+    """Freeze ``layers`` with ``bn.eval()`` in a training model, lose the modes, guard them.
+
+    ``method``: "export" (the real ``torch.onnx.export``), "round-trip"
+    (``net.train(net.training)``) or "auto": the export, unless it failed before touching
+    the modes, in which case the round trip is used and the result says so.
+    """
+    if method not in METHODS:
+        raise BnvizError(f"Unknown method {method!r}.", f"choose one of: {', '.join(METHODS)}.")
+    setup = prepare(model, weights, photo, batch_size, size, seed, device)
+    base = setup.private_module()
+    names = [n for n, _ in bn_layers(base)]
+    frozen = _resolve_layers(layers, names)
+    x = setup.x
+
+    # Without the guard.
+    net = _configure(base, frozen)
+    audit_before = audit_modes(net)
+    op = _operate(net, x, "round-trip" if method == "round-trip" else "export")
+    if method == "auto" and not op["train_calls"] and not op["export_completed"]:
+        failed_export = op
+        net = _configure(base, frozen)
+        op = _operate(net, x, "round-trip")
+        op["export_error"] = failed_export["export_error"]
+        op["fallback"] = True
+    audit_after = audit_modes(net)
+    flags_after = {n: net.get_submodule(n).training for n in frozen}
+    stats_after = {n: stats_used(net.get_submodule(n)) for n in frozen}
+    change = _next_forward(net, x, frozen)
+
+    # The same operation inside the guard.
+    guarded = _configure(base, frozen)
+    with preserve_modes(guarded):
+        guard_op = _operate(guarded, x, op["method"])  # exporter errors come back as data
+    guard_error = guard_op.get("export_error")
+    audit_guarded = audit_modes(guarded)
+    flags_guarded = {n: guarded.get_submodule(n).training for n in frozen}
+    change_guarded = _next_forward(guarded, x, frozen)
+
+    table = [_row(n, flags_after[n], stats_after[n], flags_guarded[n], change[n],
+                  change_guarded[n]) for n in frozen]
+    lost = [n for n in frozen if flags_after[n]]
+    kept = [n for n in frozen if not flags_guarded[n]]
+    moved = [n for n in lost if (change[n]["batches"] or 0) > 0]
+    still = [n for n in kept if change_guarded[n]["batches"] == 0
+             and change_guarded[n]["mean"] == 0.0 and change_guarded[n]["var"] == 0.0]
+    reproduced = (bool(lost) and bool(moved) and [tuple(r) for r in audit_guarded]
+                  == [tuple(r) for r in audit_before] and len(still) == len(frozen))
+
+    data = {
+        **setup.data_fields(),
+        "layers": frozen,
+        "method": op["method"],
+        "operation": op["code"],
+        "fallback_to_round_trip": bool(op.get("fallback")),
+        "export_completed": op.get("export_completed"),
+        "export_error": op.get("export_error"),
+        "exporter_train_calls": op["train_calls"] if op["method"] == "export" else None,
+        "guarded_operation_error": guard_error,
+        "audit_before": [r._asdict() for r in audit_before],
+        "audit_after": [r._asdict() for r in audit_after],
+        "audit_guarded": [r._asdict() for r in audit_guarded],
+        "layers_lost": lost,
+        "layers_kept_by_guard": kept,
+    }
+    verdict = _verdict(setup.label, frozen, op, audit_before, audit_after, lost, moved,
+                       change, kept, still)
+    return PitfallResult(name="mode-guard", title=TITLE, verdict=verdict, reproduced=reproduced,
+                         table=table, data=data, **setup.result_fields())
+
+
+def _mode(training: bool) -> str:
+    return "train" if training else "eval"
+
+
+def _row(name, after, stats_after, guarded, change, change_guarded) -> dict[str, Any]:
+    return {
+        "layer": name,
+        "set_by_user": "eval",
+        "model": "train",
+        "after_operation": _mode(after),
+        "stats_used_after": stats_after,
+        "after_operation_with_guard": _mode(guarded),
+        "running_mean_change": change["mean"],
+        "running_var_change": change["var"],
+        "batches_tracked_change": change["batches"],
+        "running_mean_change_with_guard": change_guarded["mean"],
+        "running_var_change_with_guard": change_guarded["var"],
+        "batches_tracked_change_with_guard": change_guarded["batches"],
+    }
+
+
+def _describe_op(op: dict) -> str:
+    if op["method"] == "round-trip":
+        why = ""
+        if op.get("fallback"):
+            why = (f" (torch.onnx.export is not usable here - {op.get('export_error')} - and "
+                   "it failed before touching the modes, so bnviz ran the round trip that "
+                   "the exporter performs)")
+        return f"The round trip `{_ROUND_TRIP_CODE}`{why}"
+    calls = ", ".join(f"net.train({c})" for c in op["train_calls"]) or "no net.train() call"
+    if op["export_completed"]:
+        return f"`{_EXPORT_CODE}` (which called {calls})"
+    return (f"`{_EXPORT_CODE}` (which called {calls} and then failed: {op['export_error']} - "
+            "the mode switch had already happened)")
+
+
+def _verdict(label, frozen, op, audit_before, audit_after, lost, moved, change, kept,
+             still) -> str:
+    n = len(frozen)
+    first = frozen[0]
+    parts = [
+        f"{label} was put in train mode with {n} BatchNorm layer(s) set to eval "
+        f"(audit: {len(audit_before)} layer(s) differ from the model).",
+        f"{_describe_op(op)} left {len(lost)} of them in train mode "
+        f"(audit afterwards: {len(audit_after)} differ).",
+    ]
+    c = change[first]
+    if first in moved:
+        parts.append(
+            f"The next forward therefore updated {first}'s running statistics "
+            f"(running_mean moved by up to {c['mean']:.2e}, running_var by {c['var']:.2e}, "
+            f"num_batches_tracked +{c['batches']})."
+        )
+    else:
+        parts.append(f"The next forward left {first}'s running statistics unchanged.")
+    parts.append(
+        f"Inside preserve_modes() the same operation left {len(kept)} of {n} layer(s) in "
+        f"eval, and the next forward changed the running statistics of "
+        f"{n - len(still)} of them."
+    )
+    return " ".join(parts)
+
+
+TITLE = "Per-layer modes lost by export, and a guard"
+
+EXPLANATION = """\
+`model.train()` and `model.eval()` recurse: they set *every* submodule to the same mode.
+So if you freeze one BatchNorm layer with `net.bn.eval()` while the rest of the model
+trains, any later recursive call undoes it. `torch.onnx.export` makes such a call: it
+switches the model to eval for tracing and then restores only the *top-level* flag with
+`net.train(originally_training)`, which pushes "train" back into your frozen layer.
+
+The table shows each frozen layer before and after the operation, and what the very next
+forward did to its running statistics: back in train mode, the layer normalises with batch
+statistics and overwrites its running mean and variance. `audit_modes(net)` lists the BN
+layers whose mode differs from the model's (the ones at risk); wrapping the operation in
+`with preserve_modes(net):` snapshots every module's flag and writes it back afterwards,
+even if the operation raises.
+"""
+
+
+def _figures(result: PitfallResult) -> list:
+    import plotly.graph_objects as go
+
+    rows = result.table
+    if not rows:
+        return []
+    layers = [r["layer"] for r in rows]
+    cols = ["set by user", "after operation", "after operation + guard"]
+    keys = ["set_by_user", "after_operation", "after_operation_with_guard"]
+    z = [[1 if r[k] == "train" else 0 for k in keys] for r in rows]
+    text = [[r[k] for k in keys] for r in rows]
+    heat = go.Figure(go.Heatmap(
+        z=z, x=cols, y=layers, text=text, texttemplate="%{text}", zmin=0, zmax=1,
+        colorscale=[[0, "#4c78a8"], [1, "#e45756"]], showscale=False,
+        hovertemplate="%{y}: %{text}<extra>%{x}</extra>"))
+    heat.update_layout(title=f"BN layer modes ({result.data.get('operation')}); model in train",
+                       yaxis_autorange="reversed", height=160 + 30 * len(rows))
+    bars = go.Figure([
+        go.Bar(name="without guard", x=layers, y=[r["running_mean_change"] or 0 for r in rows],
+               text=[f"{(r['running_mean_change'] or 0):.2e}" for r in rows]),
+        go.Bar(name="with preserve_modes()", x=layers,
+               y=[r["running_mean_change_with_guard"] or 0 for r in rows],
+               text=[f"{(r['running_mean_change_with_guard'] or 0):.2e}" for r in rows]),
+    ])
+    bars.update_layout(barmode="group", yaxis_title="max |change of running_mean|",
+                       title="What the next forward did to the frozen layer's running_mean")
+    return [heat, bars]
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, batch_size=2)
+    add_option(parser, "--layer", action="append", default=None, metavar="NAME",
+               help="BN layer to set to eval (repeatable; default: the first BN layer)")
+    add_option(parser, "--method", default="auto", choices=list(METHODS),
+               help="export: torch.onnx.export; round-trip: net.train(net.training); "
+                    "auto: export, or the round trip when no exporter runs here")
+
+
+def _kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs = common_kwargs(args)
+    if getattr(args, "layer", None):
+        kwargs["layers"] = args.layer
+    if getattr(args, "method", None):
+        kwargs["method"] = args.method
+    return kwargs
+
+
+def _controls(st: Any) -> dict[str, Any]:
+    kwargs = common_controls(st, "mode_guard", batch_size=2)
+    layers = layer_control(st, "mode_guard", kwargs["model"], "BN layers set to eval while "
+                           "the model trains", multi=True)
+    kwargs["method"] = st.radio("Operation", list(METHODS), index=0, horizontal=True,
+                                key="mode_guard_method",
+                                help="export: torch.onnx.export; round-trip: "
+                                     "net.train(net.training); auto: the export when it runs")
+    if layers:
+        kwargs["layers"] = list(layers)
+    return kwargs
+
+
+register(Experiment(
+    name="mode-guard",
+    title=TITLE,
+    story="USER_STORIES.md 4: net.bn.eval(), then torch.onnx.export(net, ...)",
+    explanation=EXPLANATION,
+    run=run,
+    add_arguments=_add_arguments,
+    kwargs_from_args=_kwargs_from_args,
+    figures=_figures,
+    controls=_controls,
+))

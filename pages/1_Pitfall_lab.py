@@ -1,0 +1,149 @@
+"""Pitfall lab: the classic BatchNorm confusions, reproduced live on real networks.
+
+The page is generic: it lists every experiment registered in :mod:`bnviz.pitfalls` and, for
+the selected one, shows the story, the plain-language explanation, the experiment's
+controls, a verdict computed from PyTorch's own numbers, the table and the figures. Runs
+are cached per (experiment, settings) with ``st.cache_data`` so revisiting is instant. The
+explainer (experiment 1) additionally diagnoses an output the user computed themselves.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from bnviz.errors import BnvizError
+from bnviz.pitfalls import load_all
+
+EXPERIMENTS = load_all()
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def run_cached(name: str, kwargs: dict):
+    """One experiment run; cached on its name and settings (results are plain data)."""
+    return EXPERIMENTS[name].run(**kwargs)
+
+
+def display_frame(rows: list[dict]) -> pd.DataFrame:
+    """The result table, with mixed-type or nested cells turned into text (Arrow-safe)."""
+    frame = pd.DataFrame(rows)
+    for col in frame.columns:
+        values = [v for v in frame[col] if v is not None and not (isinstance(v, float) and
+                                                                  np.isnan(v))]
+        kinds = {type(v) for v in values}
+        nested = any(isinstance(v, (list, dict, tuple)) for v in values)
+        if nested or (len(kinds) > 1 and not kinds <= {int, float}):
+            frame[col] = [None if v is None else str(v) for v in frame[col]]
+    return frame
+
+
+def show_verdict(result) -> None:
+    box = st.success if result.reproduced else st.info
+    box(f"**Verdict.** {result.verdict}")
+    facts = [f"{k}: **{v}**" for k, v in
+             (("model", result.model), ("weights", result.weights), ("device", result.device))
+             if v]
+    if facts:
+        st.caption(" · ".join(facts))
+    if result.weights and "random init" in str(result.weights):
+        st.caption("Random init: pretrained weights for this model are not available here "
+                   "(offline). The effect shown does not depend on the weights.")
+
+
+def show_result(name: str, experiment, result) -> None:
+    show_verdict(result)
+    st.dataframe(display_frame(result.table), hide_index=True)
+    for i, fig in enumerate(experiment.figures(result)):
+        st.plotly_chart(fig, key=f"{name}:figure:{i}")
+    st.download_button("Download result (JSON)", result.to_json(),
+                       file_name=f"bnviz-pitfall-{name}.json", mime="application/json",
+                       key=f"{name}:json")
+
+
+def npy_bytes(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    return buf.getvalue()
+
+
+def user_output_section(experiment, kwargs: dict, result) -> None:
+    """Experiment 1: upload your own output and learn which formula produced it."""
+    from bnviz.pitfalls.explain import load_user_output
+
+    st.subheader("Why doesn't *my* manual BN match?")
+    data = result.data
+    shape = tuple(data["output_shape"])
+    st.markdown(
+        f"1. Download the input of **{data['layer']}** (the conv output it normalises, shape "
+        f"`{tuple(data['input_shape'])}`) for the settings above.\n"
+        "2. Apply your own BatchNorm formula to it (the layer's parameters are below).\n"
+        f"3. Upload the result as `.npy` (np.save) or `.csv`: the whole output `{shape}`, "
+        f"one image `{shape[1:]}` or one channel map `{shape[2:]}` (image 0, channel "
+        f"{data['channel']}). bnviz says which formula explains it."
+    )
+    st.download_button("Download the layer input (.npy)", npy_bytes(result.arrays["input"]),
+                       file_name=f"bnviz-{data['layer']}-input.npy",
+                       mime="application/octet-stream", key="explain:input-npy")
+    with st.expander(f"Layer parameters for channel {data['channel']}"):
+        st.json({"eps": data["eps"], "momentum": data["momentum"], **data["channel_params"]})
+    upload = st.file_uploader("Your output (.npy or .csv)", type=["npy", "csv", "txt"],
+                              key="explain:upload")
+    if upload is None:
+        return
+    try:
+        array = load_user_output(upload.getvalue(), upload.name)
+        mine = run_cached("explain", {**kwargs, "user_output": array})
+    except BnvizError as exc:
+        st.error(str(exc))
+        return
+    user = mine.data["user"]
+    box = st.success if user["explained_by"] else st.warning
+    box(f"**Your output.** {user['verdict']}")
+    cols = ["candidate", "yours_rel_err", "explains_yours", "matches"]
+    st.dataframe(display_frame([{c: r.get(c) for c in cols} for r in mine.table]),
+                 hide_index=True)
+    for i, fig in enumerate(experiment.figures(mine)[1:]):
+        st.plotly_chart(fig, key=f"explain:user-figure:{i}")
+
+
+st.set_page_config(page_title="bnviz · Pitfall lab", layout="wide")
+st.title("Pitfall lab")
+st.markdown(
+    "The classic BatchNorm confusions, reproduced on real networks. Every verdict below is "
+    "computed live from PyTorch's own numbers; pick an experiment, change its settings, and "
+    "watch the numbers change."
+)
+
+names = list(EXPERIMENTS)
+wanted = st.query_params.get("experiment")
+name = st.selectbox(
+    "Experiment", names, index=names.index(wanted) if wanted in names else 0,
+    format_func=lambda n: f"{names.index(n) + 1}. {EXPERIMENTS[n].title}  ({n})",
+    key="pitfall:experiment",
+)
+experiment = EXPERIMENTS[name]
+st.header(experiment.title)
+st.markdown(f"> {experiment.story}")
+st.markdown(experiment.explanation)
+
+with st.expander("Settings", expanded=False):
+    try:
+        kwargs = experiment.controls(st) if experiment.controls else {}
+    except BnvizError as exc:
+        st.error(str(exc))
+        kwargs = {}
+
+try:
+    with st.spinner(f"Running '{experiment.title}' ..."):
+        result = run_cached(name, kwargs)
+except BnvizError as exc:
+    st.error(str(exc))
+    st.stop()
+
+show_result(name, experiment, result)
+if name == "explain":
+    st.divider()
+    user_output_section(experiment, kwargs, result)
