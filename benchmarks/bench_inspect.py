@@ -1,8 +1,9 @@
 """Plain forward vs full ``bnviz.inspect`` (all BN layers, statistics, manual-vs-native).
 
 Prints a Markdown table (paste it into BENCHMARKS.md). Same process, same input, medians of
-``--repeats`` runs after a warm-up. Peak memory: on CPU the peak resident-set growth over the
-call (sampled from /proc/self/statm every millisecond), on CUDA ``max_memory_allocated``.
+``--repeats`` runs after a warm-up. Memory: the bytes of tensors each report holds (stats only:
+per-channel vectors; keep-all: every layer's input, output and activation output, shared
+storage counted once).
 
     python benchmarks/bench_inspect.py [--repeats 7] [--models efficientnet_lite0 resnet18]
 """
@@ -78,6 +79,17 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
     return statistics.median(times) * 1000, mem
 
 
+def report_mb(report) -> float:
+    """Bytes the report holds in tensors (shared storage counted once)."""
+    seen: dict[int, int] = {}
+    for layer in report.layers:
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values()) / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet18"])
@@ -93,7 +105,7 @@ def main() -> None:
         print(f"gpu: {torch.cuda.get_device_name(0)}")
     print()
     print("| model | device | batch | forward ms | inspect stats-only ms | ratio | "
-          "inspect keep-all ms | ratio | peak MB fwd / stats / keep-all |")
+          "inspect keep-all ms | ratio | report MB stats-only / keep-all |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         try:
@@ -114,18 +126,22 @@ def main() -> None:
                     with torch.no_grad():
                         plain(xd)
 
-                def stats_only(raw=raw, dev=dev):
+                def stats_only(raw=raw, dev=dev, model=model):
                     bnviz.inspect(model, raw, modes="eval", device=dev, keep_tensors=False)
 
-                def keep_all(raw=raw, dev=dev):
+                def keep_all(raw=raw, dev=dev, model=model):
                     bnviz.inspect(model, raw, modes="eval", device=dev, keep_tensors=True)
 
-                f_ms, f_mem = timed(forward, dev, args.repeats)
-                s_ms, s_mem = timed(stats_only, dev, args.repeats)
-                k_ms, k_mem = timed(keep_all, dev, args.repeats)
+                f_ms, _ = timed(forward, dev, args.repeats)
+                s_ms, _ = timed(stats_only, dev, args.repeats)
+                k_ms, _ = timed(keep_all, dev, args.repeats)
+                report = bnviz.inspect(model, raw, modes="eval", device=dev, keep_tensors=True)
+                k_mem = report_mb(report)
+                s_mem = report_mb(bnviz.inspect(model, raw, modes="eval", device=dev,
+                                                keep_tensors=False))
                 print(f"| {name} | {dev_name} | {bs} | {f_ms:.1f} | {s_ms:.1f} | "
                       f"{s_ms / f_ms:.2f}x | {k_ms:.1f} | {k_ms / f_ms:.2f}x | "
-                      f"{f_mem:.0f} / {s_mem:.0f} / {k_mem:.0f} |", flush=True)
+                      f"{s_mem:.2f} / {k_mem:.0f} |", flush=True)
                 if dev.type == "cuda":
                     module.to("cpu")
 

@@ -715,6 +715,13 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
         apply_mode(private_bns[name], mode)
 
     session = _Session({id(m): n for n, m in private_bns.items()}, keep, dev)
+    # The scratch buffer travels with the pooled copy (one thread at a time uses a copy), so
+    # a rerun does not pay page faults for a fresh activation-sized allocation.
+    scratch = getattr(private, "_bnviz_scratch", None)
+    if scratch is None:
+        scratch = manual_bn.Scratch()
+        object.__setattr__(private, "_bnviz_scratch", scratch)
+    session.scratch = scratch
     handles = []
     for m in private_bns.values():
         handles.append(m.register_forward_pre_hook(session.pre_hook))
@@ -740,7 +747,6 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     forward_ms = (time.perf_counter() - t0) * 1000
-    session.scratch.release()
 
     layers = []
     for idx, name in enumerate(session.order):
