@@ -56,7 +56,8 @@ class PeakRSS:
 
 
 def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
-    fn()  # warm-up (also fills the private-copy pool)
+    for _ in range(3):  # warm-up: oneDNN primitives, the private-copy pool, the scratch
+        fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":

@@ -1,0 +1,552 @@
+"""bnviz dashboard (main page): live views of every BatchNorm layer of a real network.
+
+A thin shell: widgets -> :mod:`bnviz.dashboard` (configuration, cached inspection, view
+data) -> :mod:`bnviz.figures` (plotly). Run with ``streamlit run app.py`` (``make run``).
+
+Caching, and why it is safe for a class sharing one server:
+
+* the loaded model is an ``st.cache_resource`` shared by every session; ``bnviz.inspect``
+  runs each forward on a private copy, so no session's modes ever touch it;
+* each configuration (model, weights, device, stimulus, batch, modes, overrides) is
+  inspected once and condensed into a read-only :class:`~bnviz.dashboard.ViewData`, cached
+  under the *whole* configuration, so two sessions with different modes can never read each
+  other's numbers, and picking another layer, channel or element never reruns the network;
+* the configuration lives in the URL query parameters, so a link reproduces the view.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+import streamlit as st
+import torch
+
+import bnviz
+from bnviz import dashboard as dash
+from bnviz import figures
+from bnviz.devices import DEVICE_CHOICES, resolve_device
+from bnviz.errors import BnvizError, WeightsUnavailableError
+from bnviz.models import list_models, weights_status
+from bnviz.stimuli import COMPOSITIONS, MAX_BATCH_SIZE, MAX_SIZE, MIN_SIZE
+
+st.set_page_config(page_title="bnviz: BatchNorm microscope", page_icon=":microscope:",
+                   layout="wide")
+dash.configure_torch_threads()
+
+PLOT_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d"]}
+#: BNVIZ_TIMING=1 logs how long each (partial) rerun takes on the server, so the benchmark
+#: can tell server time from browser time.
+TIMING = os.environ.get("BNVIZ_TIMING") == "1"
+
+
+def log_time(what: str, t0: float) -> None:
+    if TIMING:
+        print(f"bnviz-timing {what} {(time.perf_counter() - t0) * 1000:.1f} ms",
+              file=sys.stderr, flush=True)
+
+
+# -- cached resources ------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def get_model(name: str, random_init: bool) -> bnviz.LoadedModel:
+    """One shared model per (name, weights); never modified (inspect works on copies).
+
+    Random init is seeded, so every session and every server restart shows the same
+    random network and a shared link reproduces its numbers."""
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return bnviz.load_model(name, weights=None)
+    return bnviz.load_model(name)
+
+
+@st.cache_resource(show_spinner=False, max_entries=dash.view_cache_entries())
+def get_stimulus(key: str, _cfg: dash.DashConfig, _upload_path: str | None) -> torch.Tensor:
+    return dash.make_batch(_cfg, _upload_path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=dash.view_cache_entries(), ttl=3 * 3600)
+def get_view(key: str, _loaded, _x: torch.Tensor, modes_json: str, device: str,
+             random_init: bool) -> dash.ViewData:
+    """One inspect call per configuration ``key``; the condensed result is shared read-only."""
+    return dash.compute_view_data(_loaded, _x, json.loads(modes_json), device,
+                                  random_init=random_init)
+
+
+@st.cache_resource(show_spinner=False, max_entries=dash.view_cache_entries(), ttl=3 * 3600)
+def get_eval_predictions(key: str, _loaded, _x: torch.Tensor,
+                         device: str) -> dash.EvalPredictions:
+    return dash.compute_eval_predictions(_loaded, _x, device)
+
+
+# -- session state: seeded once from the URL -------------------------------------------------
+
+ss = st.session_state
+
+
+def _param_key(kind: str, name: str) -> str:
+    return f"p_{kind}_{name}"
+
+
+def init_session() -> None:
+    if ss.get("_init"):
+        return
+    cfg, problems = dash.config_from_query(st.query_params.to_dict())
+    ss["_init"] = True
+    ss["_link_problems"] = problems
+    ss["model"] = cfg.model
+    ss["random_init"] = cfg.random_init
+    ss["device"] = cfg.device
+    ss["stimulus"] = cfg.stimulus
+    for kind, widgets in dash.STIMULUS_WIDGETS.items():
+        given = cfg.param_dict if kind == cfg.stimulus else {}
+        for w in widgets:
+            ss[_param_key(kind, w.name)] = given.get(w.name, w.default)
+    ss["size"] = cfg.size
+    ss["batch_size"] = cfg.batch_size
+    ss["composition"] = cfg.composition
+    ss["seed"] = cfg.seed
+    ss["mode"] = cfg.mode
+    ss["ov_base"] = cfg.override_dict
+    ss["ov_version"] = 0
+    ss["ov_model"] = cfg.model
+    ss["_layer_request"] = cfg.layer
+    ss["channel"] = cfg.channel
+    ss["element"] = dash.FORMULA_ELEMENTS[cfg.element]
+    ss["layer_tab"] = dash.LAYER_TABS[cfg.tab]
+    ss["weights_errors"] = {}
+
+
+def editor_key() -> str:
+    return f"overrides_{ss['model']}_{ss['ov_version']}"
+
+
+def reset_overrides() -> None:
+    ss["ov_base"] = {}
+    ss["ov_version"] += 1
+
+
+def select_from_overview(names: list[str]) -> None:
+    state = ss.get("overview_chart")
+    selection = state.get("selection") if state else None
+    picked = dash.layer_from_selection(selection, names)
+    if picked:
+        ss["layer"] = picked
+
+
+def retry_download(name: str) -> None:
+    ss["weights_errors"].pop(name, None)
+
+
+# -- sidebar ---------------------------------------------------------------------------------
+
+
+def sidebar_model() -> tuple[bnviz.LoadedModel | None, str | None]:
+    """Model picker and loading; returns (model, error message)."""
+    st.sidebar.selectbox("Model", list_models(), key="model",
+                         help="efficientnet_lite0 ships its ImageNet weights and works offline.")
+    name = ss["model"]
+    if ss.get("ov_model") != name:  # another model: its layers differ, so do the overrides
+        ss["ov_base"], ss["ov_model"] = {}, name
+        ss["ov_version"] += 1
+    st.sidebar.checkbox("Use random init (not pretrained)", key="random_init",
+                        help="An untrained network: running mean 0 and variance 1 everywhere. "
+                             "Every chart is then labelled 'random init'.")
+    random_init = bool(ss["random_init"])
+    status = weights_status(name, check_network=False)
+    errors: dict = ss["weights_errors"]
+    if not random_init and name not in errors and status == "not cached":
+        bar = st.sidebar.progress(0.0, text=f"Downloading the {name} weights...")
+
+        def progress(done: int, total: int) -> None:
+            frac = done / total if total else 0.0
+            bar.progress(min(frac, 1.0), text=f"Downloading the {name} weights: "
+                                              f"{done / 2**20:.1f} of {total / 2**20:.1f} MB")
+        try:
+            bnviz.load_model(name, progress=progress)  # downloads into the torch hub cache
+        except WeightsUnavailableError as exc:
+            errors[name] = str(exc)
+        bar.empty()
+    if not random_init and name in errors:
+        st.sidebar.error("Pretrained weights unavailable (see the main page).")
+        st.sidebar.button("Retry download", on_click=retry_download, args=(name,))
+        return None, errors[name]
+    try:
+        with st.spinner(f"Loading {name}..."):
+            loaded = get_model(name, random_init)
+    except BnvizError as exc:
+        return None, str(exc)
+    st.sidebar.caption(f"Weights: **{loaded.weights}** (status: {loaded.weights_status}); "
+                       f"{len(loaded.bn_layer_names)} BatchNorm layers.")
+    return loaded, None
+
+
+def sidebar_device() -> str | None:
+    st.sidebar.radio("Device", DEVICE_CHOICES, key="device", horizontal=True)
+    try:
+        dev = resolve_device(ss["device"])
+    except BnvizError as exc:
+        st.sidebar.error(str(exc))
+        return None
+    st.sidebar.caption(f"In use: **{dev}**"
+                       + ("" if torch.cuda.is_available() else " (no CUDA on this server)"))
+    return str(dev)
+
+
+def sidebar_stimulus() -> tuple[dict, str | None, str]:
+    """Stimulus widgets; returns (params, upload path, upload name)."""
+    sb = st.sidebar
+    sb.subheader("Stimulus")
+    sb.selectbox("Kind", dash.STIMULUS_CHOICES, key="stimulus",
+                 help="Generated images, bundled photos, or your own upload.")
+    kind = ss["stimulus"]
+    params = {}
+    for w in dash.STIMULUS_WIDGETS[kind]:
+        key = _param_key(kind, w.name)
+        if w.kind == "choice":
+            sb.selectbox(w.label, w.choices, key=key, help=w.help or None)
+        elif w.kind == "int":
+            sb.number_input(w.label, min_value=int(w.lo), step=int(w.step), key=key,
+                            help=w.help or None)
+        else:
+            kw = {"min_value": float(w.lo)} if w.lo is not None else {}
+            if w.hi is not None:
+                kw["max_value"] = float(w.hi)
+            sb.number_input(w.label, step=float(w.step), key=key, help=w.help or None,
+                            format="%g", **kw)
+        params[w.name] = ss[key]
+    upload_path, upload_name = None, ""
+    if kind == dash.UPLOAD_KIND:
+        up = sb.file_uploader("Image file", key="upload",
+                              type=["png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp"],
+                              help="Checked by bnviz before use; at most 20 MB.")
+        if up is not None:
+            upload_name = up.name
+            try:
+                digest, upload_path = dash.store_upload(up.getvalue(), up.name)
+                ss["_upload_hash"] = digest
+            except BnvizError as exc:
+                sb.error(str(exc))
+                ss["_upload_hash"] = ""
+        else:
+            ss["_upload_hash"] = ""
+    c1, c2 = sb.columns(2)
+    c1.number_input("Image size", min_value=MIN_SIZE, max_value=MAX_SIZE, step=16, key="size")
+    c2.number_input("Batch size", min_value=1, max_value=MAX_BATCH_SIZE, step=1,
+                    key="batch_size")
+    c1, c2 = sb.columns(2)
+    c1.selectbox("Composition", COMPOSITIONS, key="composition",
+                 help="copies: one image repeated; different: different images of the kind; "
+                      "jitter: shifted/flipped copies of image 0.")
+    c2.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="seed")
+    return params, upload_path, upload_name
+
+
+def sidebar_modes(layer_names: list[str]) -> dict[str, dash.RowOverride]:
+    sb = st.sidebar
+    sb.subheader("BatchNorm modes")
+    sb.radio("Global mode (all BN layers)", dash.MODE_CHOICES, key="mode", horizontal=True,
+             help="train: normalise with batch statistics and update the running ones; "
+                  "eval: normalise with the running statistics.")
+    base = ss["ov_base"]
+    active = dash.apply_editor_state(base, layer_names, ss.get(editor_key()))
+    with sb.expander(f"Per-layer overrides ({len(active)} active)", expanded=bool(active)):
+        st.caption("mode 'default' follows the global mode; track_running_stats: keep | on | "
+                   "off (flag off, buffers kept) | none (no buffers, as if built with "
+                   "track_running_stats=False); momentum: blank keeps the layer's, 'none' "
+                   "is a cumulative average.")
+        edited = st.data_editor(
+            dash.overrides_frame(layer_names, base),
+            key=editor_key(), hide_index=True, disabled=["layer"], num_rows="fixed",
+            column_config={
+                "layer": st.column_config.TextColumn("layer"),
+                "mode": st.column_config.SelectboxColumn("mode", options=dash.ROW_MODES,
+                                                         required=True),
+                "track_running_stats": st.column_config.SelectboxColumn(
+                    "track_running_stats", options=dash.ROW_TRACKS, required=True),
+                "momentum": st.column_config.TextColumn("momentum"),
+            },
+        )
+        st.button("Reset all", on_click=reset_overrides, key="reset_overrides",
+                  help="Remove every per-layer override.")
+    return dash.frame_to_overrides(edited)
+
+
+# -- main views ------------------------------------------------------------------------------
+
+
+def explain(key: str) -> None:
+    st.caption(dash.EXPLAIN[key])
+
+
+def chart(fig, key: str | None = None, **kw) -> None:
+    # theme=None: Streamlit's theme is merged into every figure in the browser, which
+    # costs ~70 ms per redrawn chart; the figures carry their own colours.
+    st.plotly_chart(fig, key=key, config=PLOT_CONFIG, theme=None, **kw)
+
+
+def view_overview(view: dash.ViewData) -> None:
+    st.header("1. Network overview")
+    names = view.layer_names
+    chart(figures.overview_figure(view), key="overview_chart",
+          on_select=lambda: select_from_overview(names), selection_mode="points")
+    explain("overview")
+    with st.expander("Per-layer table"):
+        cols = ["index", "name", "mode", "stats_used", "updates_running", "mean_shift",
+                "log_var_ratio", "max_abs_diff", "activation", "activation_inplace",
+                "overwritten_by"]
+        st.dataframe(view.overview_frame()[cols], hide_index=True, height=300)
+
+
+def view_layer(view: dash.ViewData, overrides: dict) -> dash.LayerView:
+    """The layer picker and what the layer did (its charts are in the tabs below)."""
+    st.header("2. Layer view")
+    names = view.layer_names
+    if ss.get("layer") not in names:
+        request = ss.pop("_layer_request", "")
+        if request and request not in names:
+            st.warning(f"The link names layer {request!r}, which {view.model} does not have; "
+                       f"showing {names[0]!r}.")
+        ss["layer"] = request if request in names else names[0]
+    st.selectbox("Layer", names, key="layer",
+                 format_func=lambda n: f"{view.layer(n).index}: {n}")
+    layer = view.layer(ss["layer"])
+    st.markdown(dash.layer_status_text(layer, layer.name in overrides))
+    return layer
+
+
+def view_channel(view: dash.ViewData, layer: dash.LayerView) -> int:
+    """Channel and element pickers, then the open tab's charts (only those are built)."""
+    ss["channel"] = dash.clamp_channel(ss.get("channel", 0), layer.num_features)
+    c1, c2 = st.columns([1, 2])
+    c1.number_input("Channel", min_value=0, max_value=layer.num_features - 1, step=1,
+                    key="channel")
+    c2.selectbox("Element for the formula", dash.FORMULA_ELEMENTS, key="element")
+    channel = int(ss["channel"])
+    label = view.weights_label
+    tabs = st.tabs(dash.LAYER_TABS, key="layer_tab", on_change="rerun")
+    stats_tab, maps_tab, dist_tab, update_tab, manual_tab = tabs
+    if stats_tab.open:
+        with stats_tab:
+            chart(figures.channel_stats_figure(layer, channel, label), key="chart_stats")
+            explain("channel_stats")
+    if maps_tab.open:
+        with maps_tab:
+            chart(figures.feature_map_figure(layer, channel, label), key="chart_maps")
+            explain("feature_maps")
+            gallery = dash.gallery_channels(channel, layer.num_features)
+            chart(figures.channel_gallery_figure(layer, gallery, "input", label),
+                  key="chart_gallery")
+            explain("gallery")
+    if dist_tab.open:
+        with dist_tab:
+            chart(figures.distribution_figure(layer, channel, label), key="chart_dist")
+            explain("distribution")
+            chart(figures.all_channels_figure(layer, channel, label), key="chart_allch")
+            explain("all_channels")
+    if update_tab.open:
+        with update_tab:
+            chart(figures.running_update_figure(layer, channel, label), key="chart_update")
+            st.markdown(dash.running_update_text(layer, channel))
+            explain("running_update")
+    if manual_tab.open:
+        with manual_tab:
+            chart(figures.manual_vs_native_figure(layer, channel, label), key="chart_manual")
+            explain("manual")
+            which = dash.FORMULA_ELEMENTS.index(ss["element"])
+            st.markdown(dash.formula_text(layer.element(channel, which)))
+            explain("formula")
+    return channel
+
+
+def view_inplace(view: dash.ViewData, layer: dash.LayerView, channel: int) -> None:
+    st.header("3. In-place ReLU and forward hooks")
+    st.markdown(dash.inplace_text(view, layer))
+    rows = dash.inplace_layers(view)
+    if layer.map_reference is not None:
+        chart(figures.inplace_figure(layer, channel, view.weights_label), key="chart_inplace")
+        explain("inplace")
+    if rows:
+        with st.expander(f"All {len(rows)} layers whose output is overwritten in place"):
+            st.dataframe(rows, hide_index=True)
+
+
+def view_predictions(view: dash.ViewData, reference: dash.EvalPredictions | None) -> None:
+    st.header("4. Predictions")
+    if view.predictions is None:
+        st.info("This model's output is not a vector of class scores; no predictions.")
+        return
+    n = len(view.predictions)
+    image = st.selectbox("Image", list(range(n)), key="pred_image") if n > 1 else 0
+    chart(figures.predictions_figure(view.predictions,
+                                     None if reference is None else reference.predictions,
+                                     int(image), view.weights_label), key="chart_preds")
+    explain("predictions")
+
+
+def view_export(view: dash.ViewData, cfg: dash.DashConfig) -> None:
+    st.header("5. Export")
+    stem = dash.export_file_stem(cfg)
+    c1, c2 = st.columns(2)
+    c1.download_button("Per-layer table (CSV)", dash.layer_table_csv(view),
+                       file_name=f"{stem}.csv", mime="text/csv", key="dl_csv",
+                       on_click="ignore")
+    c2.download_button("Full report (JSON, the CLI's schema)", view.report_json,
+                       file_name=f"{stem}.json", mime="application/json", key="dl_json",
+                       on_click="ignore")
+    st.caption("The JSON is exactly `bnviz inspect --json` for this configuration; the CSV is "
+               "one row per BatchNorm layer (`report.to_frame()`).")
+
+
+# -- the page --------------------------------------------------------------------------------
+
+
+def current_config(params: dict, overrides: dict) -> dash.DashConfig:
+    kind = ss["stimulus"]
+    return dash.DashConfig(
+        model=ss["model"], random_init=bool(ss["random_init"]), device=ss["device"],
+        stimulus=kind, params=dash.make_params(kind, params),
+        upload=ss.get("_upload_hash", "") if kind == dash.UPLOAD_KIND else "",
+        size=int(ss["size"]), batch_size=int(ss["batch_size"]),
+        composition=ss["composition"], seed=int(ss["seed"]), mode=ss["mode"],
+        overrides=tuple(sorted(overrides.items())),
+        layer=ss.get("layer") or ss.get("_layer_request", ""),
+        channel=int(ss.get("channel", 0)),
+        element=dash.FORMULA_ELEMENTS.index(ss.get("element", dash.FORMULA_ELEMENTS[0])),
+        tab=dash.LAYER_TABS.index(ss.get("layer_tab") or dash.LAYER_TABS[0]),
+    )
+
+
+def sync_query_params(cfg: dash.DashConfig) -> None:
+    wanted = dash.config_to_query(cfg)
+    if st.query_params.to_dict() != wanted:
+        st.query_params.from_dict(wanted)
+
+
+def main() -> None:
+    init_session()
+    st.title("bnviz: a live microscope for BatchNorm")
+    for problem in ss.get("_link_problems", []):
+        st.warning(problem)
+
+    st.sidebar.header("Network")
+    loaded, model_error = sidebar_model()
+    device = sidebar_device()
+    params, upload_path, upload_name = sidebar_stimulus()
+    layer_names = loaded.bn_layer_names if loaded is not None else []
+    overrides = sidebar_modes(layer_names) if loaded is not None else dict(ss["ov_base"])
+    cfg = current_config(params, overrides)
+    sync_query_params(cfg)
+
+    if model_error is not None:
+        st.error(model_error)
+        st.info("Tick **Use random init (not pretrained)** in the sidebar to continue with an "
+                "untrained network (labelled 'random init' on every chart), or put the weights "
+                "file where the message says and press **Retry download**.")
+        return
+    if device is None:
+        st.error("Pick a device this server has (auto or cpu) in the sidebar.")
+        return
+    if not layer_names:
+        st.warning(f"{cfg.model} has no BatchNorm layers, so there is nothing to inspect "
+                   "(AlexNet predates BatchNorm). Pick another model.")
+        return
+
+    try:
+        x = get_stimulus(repr(cfg.eval_key()[3:]), cfg, upload_path)
+    except BnvizError as exc:
+        st.error(str(exc))
+        return
+    preview_sidebar(x, loaded, cfg, upload_name)
+
+    try:
+        modes = dash.overrides_to_modes(cfg.mode, overrides, layer_names)
+        with st.spinner("Running the network and measuring every BatchNorm layer..."):
+            view = get_view(repr(cfg.compute_key()), loaded, x, json.dumps(modes), device,
+                            cfg.random_init)
+    except BnvizError as exc:
+        st.error(str(exc))
+        return
+
+    header(view, cfg, upload_name)
+    st.sidebar.plotly_chart(figures.preprocess_figure(view), config=PLOT_CONFIG, theme=None,
+                            key="chart_preprocess")
+    st.sidebar.caption(dash.EXPLAIN["preprocess"] + f" Preprocessing: {view.preprocessing}.")
+    view_overview(view)
+    layer_fragment(view, overrides, cfg)
+    # The all-eval reference run comes last, so the charts above are already on screen
+    # while it runs (first visit of a configuration only; it is cached like the view).
+    reference = None
+    try:
+        if set(modes.values()) == {"eval"}:  # the current settings *are* all-eval
+            reference = dash.EvalPredictions(view.predictions, view.forward_ms)
+        else:
+            with st.spinner("Running the all-eval reference for the predictions..."):
+                reference = get_eval_predictions(repr(cfg.eval_key()), loaded, x, device)
+    except BnvizError as exc:
+        st.error(str(exc))
+    predictions_fragment(view, reference)
+    view_export(view, cfg)
+
+
+@st.fragment
+def layer_fragment(view: dash.ViewData, overrides: dict, cfg: dash.DashConfig) -> None:
+    """Picking a layer reruns only this part of the page: the cached view data is read
+    again, nothing is recomputed, the rest of the page is not resent, and only the open
+    tab's charts are drawn again."""
+    t0 = time.perf_counter()
+    layer = view_layer(view, overrides)
+    channel_fragment(view, layer.name, cfg)
+    log_time("layer-fragment", t0)
+
+
+@st.fragment
+def channel_fragment(view: dash.ViewData, layer_name: str, cfg: dash.DashConfig) -> None:
+    """Picking a channel, an element or a tab reruns only this part."""
+    t0 = time.perf_counter()
+    layer = view.layer(layer_name)
+    channel = view_channel(view, layer)
+    view_inplace(view, layer, channel)
+    sync_query_params(replace(
+        cfg, layer=layer.name, channel=channel,
+        element=dash.FORMULA_ELEMENTS.index(ss["element"]),
+        tab=dash.LAYER_TABS.index(ss.get("layer_tab") or dash.LAYER_TABS[0])))
+    log_time("channel-fragment", t0)
+
+
+@st.fragment
+def predictions_fragment(view: dash.ViewData, reference: dash.EvalPredictions | None) -> None:
+    view_predictions(view, reference)
+
+
+def preview_sidebar(x: torch.Tensor, loaded, cfg: dash.DashConfig, upload_name: str) -> None:
+    sb = st.sidebar
+    sb.caption(f"Input: {dash.describe_config_stimulus(cfg, upload_name)}, batch of "
+               f"{x.shape[0]} ({cfg.composition}), {x.shape[2]}x{x.shape[3]} pixels.")
+    thumbs = dash.preview_thumbnails(x)
+    sb.image(thumbs, caption=[f"raw image {i}" for i in range(len(thumbs))], width=64)
+
+
+def header(view: dash.ViewData, cfg: dash.DashConfig, upload_name: str) -> None:
+    if view.random_init:
+        st.warning(f"{view.model} runs with **random init (not pretrained)** weights: running "
+                   "statistics are 0 and 1 everywhere and predictions are meaningless. Every "
+                   "chart is labelled 'random init'.")
+    st.caption(
+        f"**{view.model}** ({view.weights}) on **{view.device}**; input "
+        f"{dash.describe_config_stimulus(cfg, upload_name)}, shape "
+        f"{'x'.join(str(s) for s in view.input_shape)}; global mode **{cfg.mode}**"
+        f"{f' with {len(cfg.overrides)} per-layer overrides' if cfg.overrides else ''}. "
+        f"Forward {view.forward_ms:.0f} ms, summaries {view.build_ms:.0f} ms. "
+        "Copy the address bar to share exactly this view."
+    )
+
+
+_t0 = time.perf_counter()
+main()
+log_time("full-run", _t0)
