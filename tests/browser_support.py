@@ -46,19 +46,20 @@ EXCEPTION = '[data-testid="stException"]'
 def chromium_skip_reason() -> str | None:
     """Why browser tests cannot run here, or None.
 
-    Under ``CI=true`` a missing chromium is a failure, not a skip: CI installs it (``make
-    test`` runs ``scripts/ensure_chromium.sh``), so its absence there is a broken setup.
+    Under ``CI=true`` nothing is skipped: CI installs chromium (``make test`` runs
+    ``scripts/ensure_chromium.sh``), so a missing browser (or Playwright) there is a broken
+    setup and the tests must fail when they try to launch it.
     """
-    if os.path.exists(CHROMIUM):
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            return "the playwright Python package is not installed (pip install playwright)"
+    if os.environ.get("CI", "").strip().lower() == "true":
         return None
-    if os.environ.get("CI", "").lower() == "true":
-        return None  # let the test fail loudly when it tries to launch
-    return (f"{CHROMIUM} not found (install Debian's chromium: apt-get install chromium, "
-            "or run `make browser-deps`); set CI=true to make this a failure")
+    if not os.path.exists(CHROMIUM):
+        return (f"{CHROMIUM} not found (install Debian's chromium: apt-get install chromium, "
+                "or run `make browser-deps`); under CI=true this is a failure, not a skip")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright Python package is not installed (pip install playwright)"
+    return None
 
 
 def free_port() -> int:
