@@ -515,21 +515,22 @@ class _Session(TorchFunctionMode):
     pending_activation: str | None = None
 
     def _classify_consumer(self, fname, inplace, args, kwargs):
+        """Name the first op applied to each pending BN output, if it is an activation."""
         flat = _flat_tensors(args, kwargs)
-        for i, p in enumerate(self.pending):
+        still_pending = []
+        for p in self.pending:
             t = p.ref()
-            if t is None:
-                self.pending.pop(i)
-                return
-            if any(a is t for a in flat):
-                self.pending.pop(i)
+            if t is None:  # freed before anything consumed it
+                continue
+            if not any(a is t for a in flat):
+                still_pending.append(p)
+                continue
+            if fname in ACTIVATIONS or fname.rstrip("_") in ACTIVATIONS:
                 rec = self.records[p.layer]
-                base = fname.rstrip("_") if fname not in ACTIVATIONS else fname
-                if fname in ACTIVATIONS or base in ACTIVATIONS:
-                    rec["activation"] = fname.rstrip("_")
-                    rec["activation_inplace"] = inplace
-                    self.pending_activation = p.layer
-                return
+                rec["activation"] = fname.rstrip("_")
+                rec["activation_inplace"] = inplace
+                self.pending_activation = p.layer
+        self.pending = still_pending
 
     def _copy_on_write(self, target: torch.Tensor, fname: str):
         ptr = _storage_ptr(target)

@@ -468,3 +468,21 @@ def test_out_of_memory_becomes_a_clear_error():
     with pytest.raises(bnviz.DeviceError) as err:
         bnviz.inspect(Hungry(), torch.randn(2, 3, 4, 4))
     assert "out of memory" in str(err.value) and "smaller batch" in str(err.value)
+
+
+def test_activation_found_after_a_discarded_bn_output():
+    """A BN output nobody consumes must not hide the activation of the next BN layer."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.probe = nn.BatchNorm2d(3)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            self.probe(x)  # result discarded: its pending output is freed at once
+            return torch.relu(self.bn(x))
+
+    report = bnviz.inspect(Branchy().eval(), torch.randn(2, 3, 4, 4), keep_tensors=False)
+    assert report.layer("probe").activation is None
+    assert report.layer("bn").activation == "relu"
