@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..devices import available_devices, resolve_device
-from ..errors import BnvizError, LayerError, WeightsUnavailableError
+from ..errors import BnvizError, LayerError
 from ..models import DEFAULT_MODEL, LoadedModel, list_models, load_model
 from ..modes import bn_layers, stats_used, unknown_layer_error
 from ..stimuli import PHOTOS, make_stimulus
@@ -195,35 +195,28 @@ class Setup:
         return data
 
 
-def _random_model(name: str, seed: int) -> LoadedModel:
-    # Seeded in a forked RNG: the same seed gives the same random network (reproducible
-    # numbers), and the caller's global random state is left as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return load_model(name, weights=None)
-
-
 def load_with_fallback(model: str | LoadedModel, weights: Any = "auto", seed: int = 0
                        ) -> tuple[LoadedModel, bool, str | None]:
     """``(loaded, owned, note)``; offline torchvision weights fall back to random init.
 
     ``weights``: "auto"/"pretrained" (pretrained, else random init), "random"/None, or a
     checkpoint path. The fallback is never silent: ``note`` says why, and the model's
-    ``weights`` label reads "random init" wherever the result is shown. Random init is
-    seeded with ``seed``.
+    ``weights`` label reads "random init" wherever the result is shown. Loading goes through
+    :func:`bnviz.pitfalls.cli.load_experiment_model`, the one loader every experiment
+    shares: models are cached per process, random init is seeded (the same network in
+    every run) and the module handed back is always a private copy (``owned``). ``seed``
+    is kept for API compatibility; it seeds the stimulus, not the network.
     """
-    if isinstance(model, LoadedModel):
-        return model, False, None
-    if weights is None or (isinstance(weights, str)
-                           and weights.strip().lower() in _RANDOM_WORDS):
-        return _random_model(model, seed), True, None
-    if isinstance(weights, str) and weights.strip().lower() == "auto":
-        weights = "pretrained"
-    try:
-        return load_model(model, weights=weights), True, None
-    except WeightsUnavailableError as exc:
-        note = f"pretrained weights unavailable here ({exc.problem}); using random init"
-        return _random_model(model, seed), True, note
+    from .cli import load_experiment_model
+
+    wanted = "auto" if isinstance(weights, str) and weights.strip().lower() in (
+        "auto", "pretrained", "default") else weights
+    loaded = load_experiment_model(model, wanted)
+    note = None
+    if wanted == "auto" and loaded.is_random_init and not isinstance(model, LoadedModel):
+        note = (f"pretrained weights for {loaded.name} are not available here (not bundled, "
+                "cached or downloadable); using random init")
+    return loaded, True, note
 
 
 def check_int(what: str, value: Any, lo: int, hi: int) -> int:
