@@ -1,7 +1,8 @@
 """Plain forward vs full ``bnviz.inspect`` (all BN layers, statistics, manual-vs-native).
 
 Prints a Markdown table (paste it into BENCHMARKS.md). Same process, same input, medians of
-``--repeats`` runs after a warm-up. Memory: the bytes of tensors each report holds (stats only:
+``--repeats`` runs taken in turns after a warm-up; the baseline forward runs the BN layers in
+the same mode natively. Memory: the bytes of tensors each report holds (stats only:
 per-channel vectors; keep-all: every layer's input, output and activation output, shared
 storage counted once).
 
@@ -11,6 +12,7 @@ storage counted once).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -55,29 +57,42 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
-def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Median ms of each function, run in turns (A, B, C, A, B, C, ...) after 3 warm-ups.
+
+    Taking turns spreads any drift of a shared machine (other jobs, CPU frequency) over
+    every variant alike, so the ratios stay meaningful even when absolute times move.
+    """
     for _ in range(3):  # warm-up: oneDNN primitives, the private-copy pool, the scratch
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        for key, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
+def peak_extra_mb(fn, device: torch.device) -> float:
+    """Extra memory one call needs at its peak (CUDA allocator, or sampled RSS on CPU)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
-        mem = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        with PeakRSS() as peak:
-            fn()
-        mem = peak.extra_mb
-    return statistics.median(times) * 1000, mem
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with PeakRSS() as peak:
+        fn()
+    return peak.extra_mb
 
 
 def report_mb(report) -> float:
@@ -95,19 +110,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet18"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--modes", nargs="+", default=["eval", "train"])
     parser.add_argument("--devices", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     if torch.cuda.is_available():
         print(f"gpu: {torch.cuda.get_device_name(0)}")
     print()
-    print("| model | device | batch | forward ms | inspect stats-only ms | ratio | "
-          "inspect keep-all ms | ratio | report MB stats-only / keep-all |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | device | batch | mode | forward ms | inspect stats-only ms | ratio | "
+          "inspect keep-all ms | ratio | keep-all peak extra MB | report MB stats / keep |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         try:
             model = bnviz.load_model(name)
@@ -115,36 +132,38 @@ def main() -> None:
             model = bnviz.load_model(name, weights=None)  # timing does not depend on weights
         for dev_name in devices:
             dev = torch.device(dev_name)
-            module = model.module
-            for bs in args.batch_sizes:
-                raw = bnviz.make_stimulus("image", name="chelsea", size=224, batch_size=bs,
-                                          composition="jitter")
-                x = model.preprocess(raw)
-                plain = module.to(dev) if dev.type == "cuda" else module
-                xd = x.to(dev)
+            for mode in args.modes:
+                # The baseline runs the same BN mode natively (a train-mode forward computes
+                # batch statistics itself), on a copy so the loaded model stays untouched.
+                plain = copy.deepcopy(model.module).to(dev).eval()
+                for m in plain.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.train(mode == "train")
+                for bs in args.batch_sizes:
+                    raw = bnviz.make_stimulus("image", name="chelsea", size=224, batch_size=bs,
+                                              composition="jitter")
+                    xd = model.preprocess(raw).to(dev)
 
-                def forward(plain=plain, xd=xd):
-                    with torch.no_grad():
-                        plain(xd)
+                    def forward(plain=plain, xd=xd):
+                        with torch.no_grad():
+                            plain(xd)
 
-                def stats_only(raw=raw, dev=dev, model=model):
-                    bnviz.inspect(model, raw, modes="eval", device=dev, keep_tensors=False)
+                    def inspect(keep, raw=raw, dev=dev, mode=mode, model=model):
+                        return bnviz.inspect(model, raw, modes=mode, device=dev,
+                                             keep_tensors=keep)
 
-                def keep_all(raw=raw, dev=dev, model=model):
-                    bnviz.inspect(model, raw, modes="eval", device=dev, keep_tensors=True)
-
-                f_ms, _ = timed(forward, dev, args.repeats)
-                s_ms, _ = timed(stats_only, dev, args.repeats)
-                k_ms, _ = timed(keep_all, dev, args.repeats)
-                report = bnviz.inspect(model, raw, modes="eval", device=dev, keep_tensors=True)
-                k_mem = report_mb(report)
-                s_mem = report_mb(bnviz.inspect(model, raw, modes="eval", device=dev,
-                                                keep_tensors=False))
-                print(f"| {name} | {dev_name} | {bs} | {f_ms:.1f} | {s_ms:.1f} | "
-                      f"{s_ms / f_ms:.2f}x | {k_ms:.1f} | {k_ms / f_ms:.2f}x | "
-                      f"{s_mem:.2f} / {k_mem:.0f} |", flush=True)
-                if dev.type == "cuda":
-                    module.to("cpu")
+                    ms = interleaved({"forward": forward,
+                                      "stats": lambda: inspect(False),
+                                      "keep": lambda: inspect(True)}, dev, args.repeats)
+                    peak = peak_extra_mb(lambda: inspect(True), dev)
+                    s_mem = report_mb(inspect(False))
+                    k_mem = report_mb(inspect(True))
+                    f_ms = ms["forward"]
+                    print(f"| {name} | {dev_name} | {bs} | {mode} | {f_ms:.1f} | "
+                          f"{ms['stats']:.1f} | {ms['stats'] / f_ms:.2f}x | {ms['keep']:.1f} | "
+                          f"{ms['keep'] / f_ms:.2f}x | {peak:.0f} | {s_mem:.2f} / {k_mem:.0f} |",
+                          flush=True)
+                del plain
 
 
 if __name__ == "__main__":

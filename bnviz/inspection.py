@@ -8,20 +8,28 @@ How it works, and why:
   applied to the copy only, so any number of threads can inspect one shared model with
   different modes at once and the caller's model comes back exactly as it was (weights,
   buffers, training flags, hooks). ``commit=True`` copies the running-stat update back.
-* **One forward, hooks on the copy.** A pre-hook snapshots each layer's running buffers
-  ("before"); a forward hook computes batch statistics and the manual-vs-native check with
-  :func:`bnviz.manual_bn.check_layer` in a few memory passes over a reused scratch buffer.
+* **One forward, hooks on the copy.** All running buffers are snapshotted ("before") in one
+  copy just before the forward. A forward hook per layer measures what needs the
+  activation itself -- sums, a centred norm, one fused ``y - (x - mean) * scale`` write and
+  its per-channel extremes (:func:`bnviz.manual_bn.probe_layer`, a few memory passes over a
+  reused scratch buffer). Everything per-channel after that (statistics, the manual
+  running update, differences, copies for the report) is done for all layers at once
+  after the forward (:func:`bnviz.manual_bn.summarise`): on small inputs the fixed cost
+  of many tiny tensor ops per layer, not memory traffic, is what an inspection pays.
 * **Copy-on-write, not clone-always.** Tensors kept for display are held by reference. A
   thread-local :class:`~torch.overrides.TorchFunctionMode` sees every torch call of the
   forward; when an *in-place* op (``ReLU(inplace=True)``, ``out += identity``) is about to
   overwrite a kept BN output, the value is cloned first. The same interception names the
   activation that consumes each BN output and records whether it was in place -- which is
   exactly why a forward hook that keeps a reference can see post-ReLU values
-  (USER_STORIES.md section 1).
+  (USER_STORIES.md section 1). Watching every op costs a Python call per op, so a
+  statistics-only forward reuses what an earlier forward with the same training flags and
+  input shape learned about the consumers and skips the watch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -324,12 +332,34 @@ def _jsonable(v: Any) -> bool:
 # -- the private copy -----------------------------------------------------------------------
 
 
+@dataclass
+class _CopyInfo:
+    """Bookkeeping kept with a pooled private copy, so a rerun walks no module tree.
+
+    ``pairs`` holds ``(weakref to the original module, private module)`` in
+    ``named_modules`` order (weak, so the pool never keeps a caller's model alive);
+    ``bns`` the private BN layers by name; ``scratch`` the check's work buffer (a fresh
+    activation-sized allocation per call costs page faults comparable to BN itself);
+    ``consumers`` what consumed each BN output in earlier forwards, by the training flags
+    and input shape they ran with (see :func:`_run_on_copy`).
+    """
+
+    pairs: list[tuple[weakref.ReferenceType, torch.nn.Module]]
+    bns: dict[str, _BatchNorm]
+    scratch: manual_bn.Scratch = field(default_factory=manual_bn.Scratch)
+    consumers: dict[tuple, dict[str, tuple[str | None, bool | None]]] = field(
+        default_factory=dict)
+    hooked: bool = False
+    session: Any = None  # the _Session of the forward running on this copy, if any
+
+
 def _private_copy(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Copy ``model`` for one inspection without touching it.
 
     Parameters become new ``Parameter`` objects viewing the same storage (CPU, same device)
     or device copies; buffers are cloned (a train-mode forward writes them); hook dicts are
     replaced by empty ones so the caller's hooks neither run nor get deep-copied.
+    SyncBatchNorm layers become plain BatchNorm on one device.
     """
     memo: dict[int, Any] = {}
     for p in model.parameters():
@@ -343,19 +373,44 @@ def _private_copy(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
             if "hooks" in key and isinstance(value, dict):
                 memo[id(value)] = OrderedDict()
     with _MODEL_LOCK:
-        return copy.deepcopy(model, memo)
+        private = copy.deepcopy(model, memo)
+        bns = {n: _as_plain_bn(private, n, m) for n, m in bn_layers(private)}
+        pairs = []
+        for (name, orig), (mine_name, mine) in zip(model.named_modules(),
+                                                   private.named_modules(), strict=True):
+            assert name == mine_name, (name, mine_name)
+            pairs.append((weakref.ref(orig), mine))
+    object.__setattr__(private, "_bnviz_info", _CopyInfo(pairs=pairs, bns=bns))
+    return private
+
+
+def _info(private: torch.nn.Module) -> _CopyInfo:
+    return private._bnviz_info  # type: ignore[attr-defined]
+
+
+def _scan(model: torch.nn.Module) -> tuple[tuple, list[str]]:
+    """One walk over the module tree: a cheap fingerprint and the BN layer names.
+
+    The fingerprint covers structure and parameter storage/versions. A pooled copy is
+    reused only while it is unchanged: a replaced submodule, a re-assigned parameter,
+    ``model.to(...)`` or an in-place weight edit (``_version``; it matters for device
+    copies, which do not share storage) all force a fresh copy.
+    """
+    modules = []
+    params = []
+    names = []
+    for name, m in model.named_modules():
+        modules.append(id(m))
+        for p in m._parameters.values():
+            if p is not None:
+                params.append((id(p), p.data_ptr(), p._version))
+        if isinstance(m, _BatchNorm):
+            names.append(name)
+    return (tuple(modules), tuple(params)), names
 
 
 def _signature(model: torch.nn.Module) -> tuple:
-    """Cheap fingerprint of structure and parameter storage/versions.
-
-    A pooled copy is reused only while this is unchanged: a replaced submodule, a
-    re-assigned parameter, ``model.to(...)`` or an in-place weight edit (``_version``; it
-    matters for device copies, which do not share storage) all force a fresh copy.
-    """
-    modules = tuple(id(m) for m in model.modules())
-    params = tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
-    return modules, params
+    return _scan(model)[0]
 
 
 class _CopyPool:
@@ -372,8 +427,8 @@ class _CopyPool:
         self._lock = threading.Lock()
         self._idle: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def acquire(self, model: torch.nn.Module, device: torch.device):
-        sig = _signature(model)
+    def acquire(self, model: torch.nn.Module, device: torch.device, sig: tuple | None = None):
+        sig = _signature(model) if sig is None else sig
         key = str(device)
         with self._lock:
             entries = self._idle.get(model, {}).get(key, [])
@@ -381,7 +436,7 @@ class _CopyPool:
                 old_sig, private = entries.pop()
                 if old_sig == sig:
                     with _MODEL_LOCK:
-                        _reset_copy(model, private)
+                        _reset_copy(private)
                     return private, sig
         return _private_copy(model, device), sig
 
@@ -400,13 +455,20 @@ class _CopyPool:
 _POOL = _CopyPool()
 
 
-def _reset_copy(model: torch.nn.Module, private: torch.nn.Module) -> None:
-    """Make a pooled copy equal to ``model`` again (flags, BN attributes, all buffers)."""
-    originals = dict(model.named_modules())
+def _reset_copy(private: torch.nn.Module) -> None:
+    """Make a pooled copy equal to its original again (BN attributes, all buffers).
+
+    Training flags are set by every run (:func:`_run_on_copy`).
+
+    All buffer values are copied with one ``_foreach_copy_`` instead of one op per buffer.
+    """
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
     with torch.no_grad():
-        for name, m in private.named_modules():
-            orig = originals[name]
-            m.training = orig.training
+        for ref, m in _info(private).pairs:
+            orig = ref()
+            if orig is None:  # pragma: no cover - the pool is keyed weakly by the root
+                raise RuntimeError("the original model of a pooled copy is gone")
             if isinstance(orig, _BatchNorm):
                 m.track_running_stats = orig.track_running_stats
                 m.momentum = orig.momentum
@@ -416,11 +478,21 @@ def _reset_copy(model: torch.nn.Module, private: torch.nn.Module) -> None:
                 if buf is None:
                     m._buffers[bname] = None
                 elif mine is None or mine.shape != buf.shape or mine.dtype != buf.dtype:
-                    dev = next(iter(private.parameters())).device if list(
-                        private.parameters()) else buf.device
-                    m._buffers[bname] = buf.detach().to(dev, copy=True)
-                else:
+                    m._buffers[bname] = buf.detach().to(_device_of(private, buf), copy=True)
+                elif mine.device != buf.device:  # a device copy: copy across one by one
                     mine.copy_(buf)
+                else:
+                    dsts.append(mine)
+                    srcs.append(buf)
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+
+
+def _device_of(private: torch.nn.Module, buf: torch.Tensor) -> torch.device:
+    """The device the private copy lives on (its parameters'), else the buffer's."""
+    for p in private.parameters():
+        return p.device
+    return buf.device
 
 
 # -- one inspection session -----------------------------------------------------------------
@@ -433,14 +505,25 @@ class _Pending:
 
 
 class _Session(TorchFunctionMode):
-    """Hooks + torch-function interception for one forward of the private copy."""
+    """Hooks + torch-function interception for one forward of the private copy.
 
-    def __init__(self, names: dict[int, str], keep: set[str], device: torch.device):
+    The hooks are registered once on each pooled copy and forward to the copy's current
+    session. The torch-function mode (entered only when needed, see :func:`_run_on_copy`)
+    names the activation consuming each BN output and clones kept tensors before an
+    in-place op overwrites them.
+    """
+
+    def __init__(self, names: dict[int, str], keep: set[str], device: torch.device,
+                 scratch: manual_bn.Scratch, snapshot: dict[str, dict], detect: bool,
+                 running_scales: dict[str, torch.Tensor] | None = None):
         super().__init__()
+        self.running_scales = running_scales or {}
         self.names = names
         self.keep = keep
         self.device = device
-        self.scratch = manual_bn.Scratch()
+        self.scratch = scratch
+        self.snapshot = snapshot
+        self.detect = detect
         self.before: dict[str, dict] = {}
         self.records: dict[str, dict] = {}
         self.pending: list[_Pending] = []
@@ -448,16 +531,22 @@ class _Session(TorchFunctionMode):
         self.current: str | None = None
         self.order: list[str] = []
 
-    # forward pre-hook: snapshot running buffers before BN writes them
+    # forward pre-hook: the layer's state as this call starts
     def pre_hook(self, module: _BatchNorm, args):
         with torch._C.DisableTorchFunction():
             name = self.names[id(module)]
             self.current = name
+            if name in self.before:  # called again in this forward: buffers may have moved
+                snap = {
+                    "running_mean": _cpu_copy(module.running_mean),
+                    "running_var": _cpu_copy(module.running_var),
+                    "nbt": None if module.num_batches_tracked is None
+                    else int(module.num_batches_tracked),
+                }
+            else:  # taken for every layer, in one copy, just before the forward
+                snap = self.snapshot[name]
             self.before[name] = {
-                "running_mean": _clone(module.running_mean),
-                "running_var": _clone(module.running_var),
-                "nbt": None if module.num_batches_tracked is None
-                else int(module.num_batches_tracked),
+                **snap,
                 "stats_used": stats_used(module),
                 "updates": updates_running_stats(module),
                 "mode": describe_state(module),
@@ -470,29 +559,32 @@ class _Session(TorchFunctionMode):
         with torch._C.DisableTorchFunction():
             name = self.names[id(module)]
             x = args[0]
-            before = self.before[name]
-            check = manual_bn.check_layer(
+            use_running = self.before[name]["stats_used"] == "running"
+            # In eval mode the forward does not touch the buffers, so the module's own
+            # running statistics are the ones BN just used.
+            probe = manual_bn.probe_layer(
                 x.detach(),
                 output.detach(),
                 weight=module.weight,
                 bias=module.bias,
                 eps=module.eps,
-                running_mean=before["running_mean"],
-                running_var=before["running_var"],
-                use_running=before["stats_used"] == "running",
+                running_mean=module.running_mean if use_running else None,
+                running_var=module.running_var if use_running else None,
+                use_running=use_running,
                 scratch=self.scratch,
+                scale=self.running_scales.get(name) if use_running else None,
             )
-            rec = {"check": check, "input_shape": tuple(x.shape)}
+            rec = {"probe": probe, "input_shape": tuple(x.shape)}
             if name in self.keep:
                 rec["input"] = x
                 rec["output"] = output
                 rec["output_ref"] = output
                 self.watched.append((name, "input", weakref.ref(x)))
                 self.watched.append((name, "output", weakref.ref(output)))
-            rec["in_version"] = x._version
             self.records[name] = rec
             self.order.append(name)
-            self.pending.append(_Pending(name, weakref.ref(output)))
+            if self.detect:
+                self.pending.append(_Pending(name, weakref.ref(output)))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -583,6 +675,14 @@ def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().clone()
 
 
+def _cpu_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A CPU copy that cannot alias ``t``."""
+    if t is None:
+        return None
+    c = _cpu(t)
+    return c.clone() if c.data_ptr() == t.data_ptr() else c
+
+
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None:
         return None
@@ -656,7 +756,7 @@ def inspect(
             "use bnviz.make_stimulus(...) or a torch.Tensor of shape (N, C, H, W).",
         )
     dev = resolve_device(device)
-    names = [n for n, _ in bn_layers(module)]
+    sig, names = _scan(module)
     requested = resolve_modes(modes, names)
     if keep_tensors is True:
         keep = set(names)
@@ -675,7 +775,7 @@ def inspect(
         preprocessing = loaded.preprocess.description
     try:
         return _run(module, loaded, model_input, preprocessing, requested, dev, keep,
-                    other_modules, commit, top_k, names)
+                    other_modules, commit, top_k, names, sig)
     except torch.cuda.OutOfMemoryError as exc:
         raise DeviceError(
             f"CUDA ran out of memory inspecting a batch of shape {tuple(x.shape)}.",
@@ -691,46 +791,62 @@ def inspect(
 
 
 def _run(module, loaded, model_input, preprocessing, requested, dev, keep, other_modules,
-         commit, top_k, names) -> InspectionReport:
-    private, sig = _POOL.acquire(module, dev)
+         commit, top_k, names, sig=None) -> InspectionReport:
+    private, sig = _POOL.acquire(module, dev, sig)
     try:
         return _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
                             dev, keep, other_modules, commit, top_k, names)
     finally:
+        _info(private).session = None
         _POOL.release(module, dev, private, sig)
+
+
+def _dispatch_pre(info: _CopyInfo):
+    def pre_hook(module, args):
+        return info.session.pre_hook(module, args)  # type: ignore[union-attr]
+    return pre_hook
+
+
+def _dispatch_post(info: _CopyInfo):
+    def hook(module, args, output):
+        return info.session.hook(module, args, output)  # type: ignore[union-attr]
+    return hook
 
 
 def _run_on_copy(private, module, loaded, model_input, preprocessing, requested, dev, keep,
                  other_modules, commit, top_k, names) -> InspectionReport:
-    # Training flags: copy the original's, then (optionally) eval for non-BN modules.
-    originals = dict(module.named_modules())
-    for name, m in private.named_modules():
-        orig = originals[name]
-        if isinstance(m, _BatchNorm) or other_modules == "keep":
-            m.training = orig.training
-        else:
-            m.training = False
-    private_bns = dict(bn_layers(private))
-    private_bns = {n: _as_plain_bn(private, n, m) for n, m in private_bns.items()}
+    info = _info(private)
+    # Training flags: the original's for BN layers, eval for the rest unless kept. Written
+    # to __dict__ directly: nn.Module.__setattr__ costs ~5 us, times ~250 modules.
+    keep_flags = other_modules == "keep"
+    for ref, m in info.pairs:
+        orig = ref()
+        m.__dict__["training"] = orig.training if (keep_flags or isinstance(m, _BatchNorm)) \
+            else False
+    private_bns = info.bns
     for name, mode in requested.items():
         apply_mode(private_bns[name], mode)
+    if not info.hooked:
+        for m in private_bns.values():
+            m.register_forward_pre_hook(_dispatch_pre(info))
+            m.register_forward_hook(_dispatch_post(info))
+        info.hooked = True
 
-    session = _Session({id(m): n for n, m in private_bns.items()}, keep, dev)
-    # The scratch buffer travels with the pooled copy (one thread at a time uses a copy), so
-    # a rerun does not pay page faults for a fresh activation-sized allocation.
-    scratch = getattr(private, "_bnviz_scratch", None)
-    if scratch is None:
-        scratch = manual_bn.Scratch()
-        object.__setattr__(private, "_bnviz_scratch", scratch)
-    session.scratch = scratch
-    handles = []
-    for m in private_bns.values():
-        handles.append(m.register_forward_pre_hook(session.pre_hook))
-        handles.append(m.register_forward_hook(session.hook))
+    # What consumes each BN output (the activation, in place or not) is found by watching
+    # every torch call of the forward -- a Python call per op, ~20% of a batch-1 forward.
+    # It only depends on the code path, so it is learned once per (training flags, input
+    # shape) and reused; a forward that keeps tensors always watches (copy-on-write).
+    consumers_key = (tuple(m.training for _, m in info.pairs), tuple(model_input.shape))
+    known = info.consumers.get(consumers_key)
+    detect = bool(keep) or known is None
+
+    session = _Session({id(m): n for n, m in private_bns.items()}, keep, dev, info.scratch,
+                       _snapshot(private_bns), detect, _running_scales(private_bns))
+    info.session = session
     inp = model_input.to(dev)
     t0 = time.perf_counter()
     try:
-        with torch.no_grad(), session:
+        with torch.no_grad(), (session if detect else contextlib.nullcontext()):
             out = private(inp)
     except ValueError as exc:
         if "Expected more than 1 value per channel" in str(exc):
@@ -742,16 +858,22 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
                 f"(modes={{'{layer}': 'eval'}}, CLI: --layer-mode {layer}=eval).",
             ) from exc
         raise
-    finally:
-        for h in handles:
-            h.remove()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     forward_ms = (time.perf_counter() - t0) * 1000
 
-    layers = []
-    for idx, name in enumerate(session.order):
-        layers.append(_layer_report(idx, name, private_bns[name], session, requested))
+    if detect:
+        if len(info.consumers) >= 16:
+            info.consumers.pop(next(iter(info.consumers)))
+        info.consumers[consumers_key] = {
+            n: (rec.get("activation"), rec.get("activation_inplace"))
+            for n, rec in session.records.items()
+        }
+    else:
+        for n, rec in session.records.items():
+            rec["activation"], rec["activation_inplace"] = known.get(n, (None, None))
+
+    layers = _layer_reports(session, private_bns, requested)
     notes: dict[str, Any] = {}
     if loaded is not None:
         notes.update(loaded.notes)
@@ -781,6 +903,71 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
     )
 
 
+def _snapshot(bns: dict[str, _BatchNorm]) -> dict[str, dict]:
+    """Every layer's running buffers and counter before the forward, in one copy."""
+    mods = list(bns.values())
+    stats = _report_tensors([m.running_mean for m in mods] + [m.running_var for m in mods])
+    nbt = _ints([m.num_batches_tracked for m in mods])
+    k = len(mods)
+    return {
+        name: {"running_mean": stats[i], "running_var": stats[k + i], "nbt": nbt[i]}
+        for i, name in enumerate(bns)
+    }
+
+
+def _running_scales(bns: dict[str, _BatchNorm]) -> dict[str, torch.Tensor]:
+    """``weight / sqrt(running_var + eps)`` of every layer that will normalise with its
+    running statistics, computed for all of them at once before the forward (in eval mode
+    the forward does not touch the buffers, so this is exactly what BN will use)."""
+    names = [n for n, m in bns.items() if stats_used(m) == "running"]
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        v = bns[n].running_var
+        groups.setdefault((v.dtype, v.device), []).append(n)
+    out: dict[str, torch.Tensor] = {}
+    for (dtype, dev), group in groups.items():
+        work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        mods = [bns[n] for n in group]
+        sizes = [m.num_features for m in mods]
+        eps = torch.tensor([m.eps for m in mods], dtype=work, device=dev)
+        var = torch.cat([m.running_var for m in mods]).to(work)
+        scale = torch.rsqrt(var + eps.repeat_interleave(torch.tensor(sizes, device=dev)))
+        gamma = torch.cat([m.weight if m.weight is not None
+                           else torch.ones(m.num_features, dtype=work, device=dev)
+                           for m in mods]).to(work)
+        for n, part in zip(group, (scale * gamma).split(sizes), strict=True):
+            out[n] = part
+    return out
+
+
+def _report_tensors(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """CPU copies of many small tensors: one ``cat`` per dtype and device, split into views.
+
+    ``cat`` is the copy (a report must not change when the model's buffers do), and one
+    copy of all layers' vectors replaces a few hundred tiny clones and device transfers.
+    """
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t is not None:
+            groups.setdefault((t.dtype, t.device), []).append(i)
+    for idxs in groups.values():
+        parts = [tensors[i].detach() for i in idxs]  # type: ignore[union-attr]
+        flat = torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in parts])
+        flat = _cpu(flat)
+        for i, p, piece in zip(idxs, parts, flat.split([p.numel() for p in parts]),
+                               strict=True):
+            out[i] = piece if p.dim() == 1 else piece.view(p.shape)
+    return out
+
+
+def _ints(tensors: list[torch.Tensor | None]) -> list[int | None]:
+    """Integer values of many 0-dim tensors (num_batches_tracked) with one sync."""
+    present = [t for t in tensors if t is not None]
+    values = iter(torch.stack(present).tolist()) if present else iter(())
+    return [None if t is None else int(next(values)) for t in tensors]
+
+
 class _AnyDimBatchNorm(_BatchNorm):
     """SyncBatchNorm on one device is plain BatchNorm; accepts any (N, C, ...) input."""
 
@@ -803,70 +990,115 @@ def _as_plain_bn(root: torch.nn.Module, name: str, m: _BatchNorm) -> _BatchNorm:
     return plain
 
 
-def _layer_report(idx, name, bn: _BatchNorm, session: _Session, requested) -> LayerReport:
-    rec = session.records[name]
-    before = session.before[name]
-    check: manual_bn.LayerCheck = rec["check"]
-    nbt_after = None if bn.num_batches_tracked is None else int(bn.num_batches_tracked)
-    rm_after = _cpu(_clone(bn.running_mean))
-    rv_after = _cpu(_clone(bn.running_var))
-    factor = man_m = man_v = diff = None
-    if before["updates"]:
-        factor = manual_bn.running_update_factor(before["momentum"], nbt_after)
-        if check.batch.var_unbiased is not None:
-            man_m, man_v = manual_bn.manual_running_update(
-                before["running_mean"], before["running_var"],
-                check.batch.mean, check.batch.var_unbiased, factor,
-            )
-            man_m, man_v = _cpu(man_m), _cpu(man_v)
-            diff = max(float((man_m - rm_after).abs().max()), float((man_v - rv_after).abs().max()))
-    type_name = type(bn).__name__
-    if isinstance(bn, _AnyDimBatchNorm):
-        type_name = "SyncBatchNorm (as BatchNorm)"
-    act_out = rec.get("activation_output")
-    return LayerReport(
-        name=name,
-        type=type_name,
-        index=idx,
-        num_features=bn.num_features,
-        input_shape=rec["input_shape"],
-        mode=before["mode"],
-        mode_source="override" if name in requested else "model",
-        training=before["training"],
-        track_running_stats=before["track"],
-        has_running_stats=before["running_mean"] is not None,
-        momentum=before["momentum"],
-        eps=bn.eps,
-        affine=bn.affine,
-        stats_used=before["stats_used"],
-        updates_running_stats=before["updates"],
-        count=check.batch.count,
-        batch_mean=_cpu(check.batch.mean),
-        batch_var=_cpu(check.batch.var),
-        batch_var_unbiased=_cpu(check.batch.var_unbiased),
-        running_mean_before=_cpu(before["running_mean"]),
-        running_var_before=_cpu(before["running_var"]),
-        running_mean_after=rm_after,
-        running_var_after=rv_after,
-        num_batches_tracked_before=before["nbt"],
-        num_batches_tracked_after=nbt_after,
-        weight=_cpu(_clone(bn.weight)),
-        bias=_cpu(_clone(bn.bias)),
-        update_factor=factor,
-        manual_running_mean_after=man_m,
-        manual_running_var_after=man_v,
-        running_update_max_abs_diff=diff,
-        max_abs_diff=check.max_abs_diff,
-        max_rel_diff=check.max_rel_diff,
-        channel_max_abs_diff=_cpu(check.channel_max_abs_diff),
-        activation=rec.get("activation"),
-        activation_inplace=rec.get("activation_inplace"),
-        overwritten_by=rec.get("overwritten_by"),
-        input=_cpu(rec.get("input")),
-        output=_cpu(rec.get("output")),
-        activation_output=_cpu(act_out),
-        output_reference=_cpu(rec.get("output_ref")),
+def _layer_reports(session: _Session, bns: dict[str, _BatchNorm],
+                   requested) -> list[LayerReport]:
+    """Build every layer's report from the probes, with vectorised arithmetic and copies."""
+    order = session.order
+    checks = manual_bn.summarise([session.records[n]["probe"] for n in order], device="cpu")
+    mods = [bns[n] for n in order]
+    k = len(mods)
+    after = _report_tensors([m.running_mean for m in mods] + [m.running_var for m in mods]
+                            + [m.weight for m in mods] + [m.bias for m in mods])
+    nbt_after = _ints([m.num_batches_tracked for m in mods])
+    updates = _manual_updates(
+        [session.before[n] for n in order], checks, after[:k], after[k:2 * k], nbt_after)
+
+    reports = []
+    for i, name in enumerate(order):
+        bn, rec, before, check = mods[i], session.records[name], session.before[name], checks[i]
+        factor, man_m, man_v, diff = updates[i]
+        type_name = type(bn).__name__
+        if isinstance(bn, _AnyDimBatchNorm):
+            type_name = "SyncBatchNorm (as BatchNorm)"
+        reports.append(LayerReport(
+            name=name,
+            type=type_name,
+            index=i,
+            num_features=bn.num_features,
+            input_shape=rec["input_shape"],
+            mode=before["mode"],
+            mode_source="override" if name in requested else "model",
+            training=before["training"],
+            track_running_stats=before["track"],
+            has_running_stats=before["running_mean"] is not None,
+            momentum=before["momentum"],
+            eps=bn.eps,
+            affine=bn.affine,
+            stats_used=before["stats_used"],
+            updates_running_stats=before["updates"],
+            count=check.batch.count,
+            batch_mean=check.batch.mean,
+            batch_var=check.batch.var,
+            batch_var_unbiased=check.batch.var_unbiased,
+            running_mean_before=before["running_mean"],
+            running_var_before=before["running_var"],
+            running_mean_after=after[i],
+            running_var_after=after[k + i],
+            num_batches_tracked_before=before["nbt"],
+            num_batches_tracked_after=nbt_after[i],
+            weight=after[2 * k + i],
+            bias=after[3 * k + i],
+            update_factor=factor,
+            manual_running_mean_after=man_m,
+            manual_running_var_after=man_v,
+            running_update_max_abs_diff=diff,
+            max_abs_diff=check.max_abs_diff,
+            max_rel_diff=check.max_rel_diff,
+            channel_max_abs_diff=check.channel_max_abs_diff,
+            activation=rec.get("activation"),
+            activation_inplace=rec.get("activation_inplace"),
+            overwritten_by=rec.get("overwritten_by"),
+            input=_cpu(rec.get("input")),
+            output=_cpu(rec.get("output")),
+            activation_output=_cpu(rec.get("activation_output")),
+            output_reference=_cpu(rec.get("output_ref")),
+        ))
+    return reports
+
+
+def _manual_updates(befores, checks, rm_after, rv_after, nbt_after):
+    """The running-stat update each layer should have made, against what it made.
+
+    For every layer that updated its buffers: ``factor`` (momentum, or 1/num_batches_tracked
+    for momentum=None), the manual new running mean/var (:func:`manual_bn.manual_running_update`
+    in float64, one vectorised call for all layers) and the max difference from the buffers.
+    Returns ``(factor, manual_mean, manual_var, max_abs_diff)`` per layer, Nones where the
+    layer did not update.
+    """
+    result: list[tuple] = [(None, None, None, None)] * len(befores)
+    idx = []
+    for i, before in enumerate(befores):
+        if before["updates"]:
+            factor = manual_bn.running_update_factor(before["momentum"], nbt_after[i])
+            result[i] = (factor, None, None, None)
+            if checks[i].batch.var_unbiased is not None and rm_after[i] is not None:
+                idx.append(i)
+    if not idx:
+        return result
+    f64 = torch.float64
+    sizes = torch.tensor([checks[i].batch.mean.numel() for i in idx])
+
+    def cat(values) -> torch.Tensor:
+        return torch.cat(list(values)).to(f64)
+
+    factors = torch.tensor([result[i][0] for i in idx], dtype=f64).repeat_interleave(sizes)
+    man_m, man_v = manual_bn.manual_running_update(
+        cat(befores[i]["running_mean"] for i in idx), cat(befores[i]["running_var"] for i in idx),
+        cat(checks[i].batch.mean for i in idx), cat(checks[i].batch.var_unbiased for i in idx),
+        factors,
     )
+    err = torch.maximum((man_m - cat(rm_after[i] for i in idx)).abs(),
+                        (man_v - cat(rv_after[i] for i in idx)).abs())
+    segment = torch.arange(len(idx)).repeat_interleave(sizes)
+    diffs = torch.zeros(len(idx), dtype=f64).scatter_reduce_(0, segment, err, "amax").tolist()
+    dtype = rm_after[idx[0]].dtype
+    for i in idx[1:]:
+        dtype = torch.promote_types(dtype, rm_after[i].dtype)
+    block = torch.stack([man_m, man_v]).to(dtype)
+    for i, part, diff in zip(idx, block.split(sizes.tolist(), dim=1), diffs, strict=True):
+        m_c, v_c = part.unbind(0)
+        result[i] = (result[i][0], m_c, v_c, diff)
+    return result
 
 
 def _commit(module: torch.nn.Module, private_bns: dict[str, _BatchNorm]) -> bool:

@@ -27,6 +27,7 @@ buffer, then normalised, compared and reduced in place. Neither calls BatchNorm 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -136,13 +137,202 @@ class Scratch:
 
 @dataclass
 class LayerCheck:
-    """Result of :func:`check_layer` for one BN forward."""
+    """Result of the manual-vs-native check of one BN forward."""
 
     batch: BatchStats
     channel_max_abs_diff: torch.Tensor  # (C,) max |manual - native| per channel
     max_abs_diff: float
     max_rel_diff: float  # max_abs_diff / output_rms_max
     output_rms_max: float  # largest per-channel root-mean-square of the output
+
+
+@dataclass
+class Probe:
+    """What a forward hook measures on one BN forward: raw per-channel reductions.
+
+    Everything that needs the activation itself happens in :func:`probe_layer`, inside the
+    hook, before an in-place activation can overwrite the output. The per-channel
+    arithmetic that turns these sums into statistics and differences waits for
+    :func:`summarise`, which does it for every layer of the network in one vectorised step:
+    on small inputs the fixed cost of ~20 tiny tensor ops per layer, not the memory
+    traffic, is what an inspection pays for.
+    """
+
+    count: int  # values per channel, N * prod(spatial)
+    total: torch.Tensor  # (C,) sum of x
+    centre: torch.Tensor  # (C,) the mean the activation was centred on, in the work dtype
+    sq: torch.Tensor  # (C,) sum of (x - centre)**2
+    scale: torch.Tensor  # (C,) weight / sqrt(var + eps) the manual output used
+    hi: torch.Tensor  # (C,) max over the channel of  y - (x - centre) * scale
+    lo: torch.Tensor  # (C,) min of the same
+    norm_mean: torch.Tensor  # (C,) mean the manual output subtracts (centre or running mean)
+    bias: torch.Tensor | None  # (C,) beta (any float dtype), None without affine
+
+
+def probe_layer(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    use_running: bool = False,
+    scratch: Scratch | None = None,
+    scale: torch.Tensor | None = None,
+) -> Probe:
+    """Measure one BN forward (input ``x``, native output ``y``) in five memory passes.
+
+    Passes: a sum, a centring write into the scratch buffer, a norm, one fused
+    ``y - (x - centre) * scale`` write, and the per-channel max and min of that. No
+    temporaries of activation size. ``use_running`` selects the running statistics (eval
+    mode with buffers) for the manual output; the batch statistics are measured either
+    way, because the dashboard shows how far they are from the running ones.
+
+    Why centring on the batch mean first: the variance is then a sum of squares of
+    centred values (the two-pass formula), which stays exact for near-constant channels
+    such as a uniform image, where ``E[x^2] - E[x]^2`` would cancel to noise.
+
+    ``scale`` may pass ``weight / sqrt(running_var + eps)`` precomputed for eval mode
+    (``inspect`` computes it for all layers in one go before the forward).
+    """
+    x3 = as_ncl(x)
+    y3 = as_ncl(y)
+    n, c, length = x3.shape
+    count = n * length
+    work = x3.dtype if x3.dtype in (torch.float32, torch.float64) else torch.float32
+    if x3.dtype != work:
+        x3 = x3.to(work)
+        y3 = y3.to(work)
+    s = (scratch or Scratch()).get(x3.numel(), work, x3.device).view(n, c, length)
+
+    total = x3.sum(dim=(0, 2))
+    centre = total / count
+    torch.sub(x3, centre.view(1, c, 1), out=s)
+    if n == 1:
+        sq = torch.linalg.vector_norm(s, dim=(0, 2)).square_()
+    else:  # per-(n, c) norms over the contiguous axis, then over N: far faster than (0, 2)
+        sq = torch.linalg.vector_norm(s, dim=2).square_().sum(dim=0)
+    if use_running:
+        if running_mean is None or running_var is None:
+            raise ValueError("use_running=True needs running_mean and running_var")
+        norm_mean = running_mean.to(work)
+        if scale is None:
+            scale = torch.rsqrt(running_var.to(work) + eps)
+            if weight is not None:
+                scale = scale * weight.to(work)
+        else:
+            scale = scale.to(work)
+    else:
+        norm_mean = centre
+        scale = torch.rsqrt(sq / count + eps)
+        if weight is not None:
+            scale = scale * weight.to(work)
+    # s <- y - (x - centre) * scale. The manual output is (x - norm_mean) * scale + beta,
+    # so the difference is s - shift with a per-channel shift = beta + (centre - norm_mean)
+    # * scale, applied to the extremes in summarise() instead of in another full pass.
+    torch.addcmul(y3, s, scale.view(1, c, 1), value=-1.0, out=s)
+    if n == 1:
+        hi, lo = s.amax(dim=(0, 2)), s.amin(dim=(0, 2))
+    else:
+        hi, lo = s.amax(dim=2).amax(dim=0), s.amin(dim=2).amin(dim=0)
+    return Probe(
+        count=count,
+        total=total,
+        centre=centre,
+        sq=sq,
+        scale=scale,
+        hi=hi,
+        lo=lo,
+        norm_mean=norm_mean,
+        bias=bias,
+    )
+
+
+def summarise(probes: list[Probe], device: torch.device | str | None = None) -> list[LayerCheck]:
+    """Turn probes into statistics and manual-vs-native differences, all layers at once.
+
+    The per-channel vectors of every layer are concatenated and the arithmetic runs once
+    over all channels of the network, in float64; results are cast back to each probe's
+    work dtype and split into per-layer views. One host synchronisation for all the
+    per-layer maxima. ``device`` moves the per-channel results (e.g. to the CPU for a
+    report) in a single copy.
+
+    Per channel, with ``m = centre``, ``nm = norm_mean``:
+
+    * batch mean ``= total / count``; biased variance ``= sq / count - (mean - m)**2``
+      (exact: ``sq`` sums squares about ``m``, not about the mean);
+    * max |manual - native| ``= max(hi - shift, shift - lo)`` with ``shift = beta + (m -
+      nm) * scale``;
+    * the output scale used for the relative difference, ``E[y^2] = scale^2 * (var + d^2)
+      + 2 * scale * beta * d + beta^2`` with ``d = mean - nm``, needs no pass over ``y``.
+    """
+    results: list[LayerCheck | None] = [None] * len(probes)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(probes):
+        groups.setdefault((p.centre.dtype, p.centre.device), []).append(i)
+    for idxs in groups.values():
+        for i, check in zip(idxs, _summarise_group([probes[i] for i in idxs], device),
+                            strict=True):
+            results[i] = check
+    return results  # type: ignore[return-value]
+
+
+def _summarise_group(probes: list[Probe], device) -> list[LayerCheck]:
+    work = probes[0].centre.dtype
+    dev = probes[0].centre.device
+    f64 = torch.float64
+    sizes = [p.centre.numel() for p in probes]
+
+    def cat(tensors) -> torch.Tensor:
+        return torch.cat(list(tensors)).to(f64)
+
+    def zeros_like(p: Probe) -> torch.Tensor:
+        return torch.zeros_like(p.centre)
+
+    size_t = torch.tensor(sizes, device=dev)
+    counts = torch.tensor([float(p.count) for p in probes], dtype=f64, device=dev)
+    counts = counts.repeat_interleave(size_t)
+    total, centre, sq, scale, hi, lo, norm_mean = (
+        cat(getattr(p, field) for p in probes)
+        for field in ("total", "centre", "sq", "scale", "hi", "lo", "norm_mean")
+    )
+    beta = cat(p.bias.detach().to(f64) if p.bias is not None else zeros_like(p)
+               for p in probes)
+
+    mean = total / counts
+    var = (sq / counts - (mean - centre) ** 2).clamp_min(0)
+    unbiased = var * counts / (counts - 1)
+    shift = beta + (centre - norm_mean) * scale
+    channel_diff = torch.maximum(hi - shift, shift - lo)
+    d = mean - norm_mean
+    y_sq = (scale**2 * (var + d**2) + 2 * scale * beta * d + beta**2).clamp_min(0)
+
+    segment = torch.arange(len(probes), device=dev).repeat_interleave(size_t)
+    maxima = torch.zeros(2, len(probes), dtype=f64, device=dev)
+    maxima[0].scatter_reduce_(0, segment, channel_diff, "amax")
+    maxima[1].scatter_reduce_(0, segment, y_sq, "amax")
+    layer_diff, layer_y_sq = maxima.tolist()
+
+    block = torch.stack([mean, var, unbiased, channel_diff]).to(work)
+    if device is not None:
+        block = block.to(device)
+    tiny = torch.finfo(work).tiny
+    out = []
+    for p, part, diff, ysq in zip(probes, block.split(sizes, dim=1), layer_diff, layer_y_sq,
+                                  strict=True):
+        mean_c, var_c, unb_c, diff_c = part.unbind(0)
+        out_scale = math.sqrt(ysq)
+        out.append(LayerCheck(
+            batch=BatchStats(mean=mean_c, var=var_c,
+                             var_unbiased=unb_c if p.count > 1 else None, count=p.count),
+            channel_max_abs_diff=diff_c,
+            max_abs_diff=diff,
+            max_rel_diff=diff / max(out_scale, tiny),
+            output_rms_max=out_scale,
+        ))
+    return out
 
 
 def check_layer(
@@ -159,66 +349,12 @@ def check_layer(
 ) -> LayerCheck:
     """Batch statistics of ``x`` and the manual BN output compared against native ``y``.
 
-    ``use_running`` selects the running statistics (eval mode with buffers) for the manual
-    output; the batch statistics are computed either way, because the dashboard shows how
-    far they are from the running ones. Passes over the activation: one sum, one centring
-    write, one norm, one fused normalise-and-subtract-``y`` write, and a min and a max of
-    the difference. No temporaries of activation size. The relative difference divides
-    by the largest per-channel RMS of the output, which follows from the statistics
-    without another pass over ``y``.
+    One layer's :func:`probe_layer` followed by :func:`summarise`; ``inspect`` probes every
+    layer during the forward and summarises them together afterwards.
     """
-    x3 = as_ncl(x)
-    y3 = as_ncl(y)
-    n, c, length = x3.shape
-    count = n * length
-    work_dtype = x3.dtype if x3.dtype in (torch.float32, torch.float64) else torch.float32
-    if x3.dtype != work_dtype:
-        x3 = x3.to(work_dtype)
-        y3 = y3.to(work_dtype)
-    scratch = scratch or Scratch()
-    s = scratch.get(x3.numel(), work_dtype, x3.device).view(n, c, length)
-
-    # Mean: contiguous per-(n, c) sums, combined over N in float64.
-    mean64 = x3.sum(dim=2).double().sum(dim=0) / count
-    mean = mean64.to(work_dtype)
-    # Biased variance, two-pass (stable even for near-constant channels, e.g. a uniform image).
-    torch.sub(x3, mean.view(1, c, 1), out=s)
-    sq = torch.linalg.vector_norm(s, dim=2).double().pow(2).sum(dim=0)
-    var64 = sq / count
-    var = var64.to(work_dtype)
-    var_unbiased = (var64 * count / (count - 1)).to(work_dtype) if count > 1 else None
-
-    if use_running:
-        if running_mean is None or running_var is None:
-            raise ValueError("use_running=True needs running_mean and running_var")
-        norm_mean, norm_var = running_mean.to(work_dtype), running_var.to(work_dtype)
-    else:
-        norm_mean, norm_var = mean, var
-    inv_std = torch.rsqrt(norm_var + eps)
-    scale = inv_std if weight is None else inv_std * weight.to(work_dtype)
-    beta = torch.zeros_like(scale) if bias is None else bias.to(work_dtype)
-    # s holds x - batch_mean; x - norm_mean = s + (batch_mean - norm_mean), a per-channel
-    # constant, so y_manual = s * scale + shift with shift = beta + (mean - norm_mean) * scale.
-    shift = beta + (mean - norm_mean) * scale
-    # One fused pass: s <- y - s * scale  (= y - y_manual + shift), then per-channel extremes.
-    torch.addcmul(y3, s, scale.view(1, c, 1), value=-1.0, out=s)
-    hi = s.amax(dim=2).amax(dim=0) - shift
-    lo = s.amin(dim=2).amin(dim=0) - shift
-    channel_diff = torch.maximum(hi, -lo)
-    # Output scale from the statistics alone (no pass over y): per channel
-    # E[y^2] = scale^2 * E[(x - norm_mean)^2] + 2 * scale * beta * E[x - norm_mean] + beta^2.
-    centred_mean = mean - norm_mean
-    second_moment = var + centred_mean**2
-    y_sq = scale**2 * second_moment + 2 * scale * beta * centred_mean + beta**2
-    out_scale = float(y_sq.clamp_min(0).max().sqrt()) if c else 0.0
-    max_abs = float(channel_diff.max()) if c else 0.0
-    return LayerCheck(
-        batch=BatchStats(mean=mean, var=var, var_unbiased=var_unbiased, count=count),
-        channel_max_abs_diff=channel_diff,
-        max_abs_diff=max_abs,
-        max_rel_diff=max_abs / max(out_scale, torch.finfo(work_dtype).tiny),
-        output_rms_max=out_scale,
-    )
+    probe = probe_layer(x, y, weight=weight, bias=bias, eps=eps, running_mean=running_mean,
+                        running_var=running_var, use_running=use_running, scratch=scratch)
+    return summarise([probe])[0]
 
 
 def explain_element(

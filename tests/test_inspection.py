@@ -486,3 +486,102 @@ def test_activation_found_after_a_discarded_bn_output():
     report = bnviz.inspect(Branchy().eval(), torch.randn(2, 3, 4, 4), keep_tensors=False)
     assert report.layer("probe").activation is None
     assert report.layer("bn").activation == "relu"
+
+
+def test_stats_only_equals_keep_all_and_learns_consumers_once(monkeypatch):
+    """A statistics-only rerun skips the per-op watch but reports exactly the same numbers."""
+    from bnviz import inspection
+
+    calls = {"n": 0}
+    real = inspection._Session.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        calls["n"] += 1
+        return real(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(inspection._Session, "__torch_function__", counting)
+    net = small_net()
+    x = torch.randn(4, 3, 8, 8)
+    for mode in ["eval", "train", "train,momentum=none", "eval,track=none"]:
+        full = bnviz.inspect(net, x, modes=mode, keep_tensors=True)
+        calls["n"] = 0
+        first = bnviz.inspect(net, x, modes=mode, keep_tensors=False)
+        second = bnviz.inspect(net, x, modes=mode, keep_tensors=False)
+        assert calls["n"] == 0  # consumers were learned by the keep-all forward
+        for a, b, c in zip(full.layers, first.layers, second.layers, strict=True):
+            for other in (b, c):
+                assert (other.activation, other.activation_inplace) == (
+                    a.activation, a.activation_inplace)
+                assert torch.equal(other.batch_mean, a.batch_mean)
+                assert torch.equal(other.batch_var, a.batch_var)
+                assert torch.equal(other.channel_max_abs_diff, a.channel_max_abs_diff)
+                assert other.max_abs_diff == a.max_abs_diff
+                assert other.running_update_max_abs_diff == a.running_update_max_abs_diff
+    assert full.layers[0].activation == "relu" and full.layers[0].activation_inplace
+    # A new input shape is a new code path as far as the cache knows: watched again.
+    bnviz.inspect(net, torch.randn(2, 3, 5, 5), keep_tensors=False)
+    assert calls["n"] > 0
+
+
+def test_activation_detection_follows_training_flags():
+    """A forward that branches on self.training is watched again when the flags differ."""
+
+    class Branching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return torch.relu(y) if self.training else torch.sigmoid(y)
+
+    net = Branching().eval()
+    x = torch.randn(2, 3, 4, 4)
+    kw = {"keep_tensors": False, "other_modules": "keep"}
+    assert bnviz.inspect(net, x, **kw).layer("bn").activation == "sigmoid"
+    net.train()
+    assert bnviz.inspect(net, x, **kw).layer("bn").activation == "relu"
+    net.eval()
+    assert bnviz.inspect(net, x, **kw).layer("bn").activation == "sigmoid"
+
+
+def test_mixed_affine_and_dtypes_in_one_network(device):
+    """Per-layer results survive the all-layers-at-once arithmetic: affine and plain layers,
+    float32 and float64 layers in one forward, eval and train."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.BatchNorm2d(4, affine=False)
+            self.b = nn.BatchNorm2d(4).double()
+            self.c = nn.BatchNorm2d(5)
+            self.conv = nn.Conv2d(4, 5, 1)
+
+        def forward(self, x):
+            x = self.a(x)
+            x = self.b(x.double()).float()
+            return self.c(self.conv(x))
+
+    torch.manual_seed(1)
+    net = Mixed()
+    with torch.no_grad():
+        for m in (net.a, net.b, net.c):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+        net.b.weight.uniform_(0.5, 2)
+        net.c.bias.uniform_(-1, 1)
+    x = torch.randn(3, 4, 5, 5) * 3 + 1
+    for mode in ["eval", "train"]:
+        report = bnviz.inspect(net.eval(), x, modes=mode, device=device)
+        captured, _, after = native_reference(net, x, mode)
+        for layer in report.layers:
+            inp, out = captured[layer.name]
+            assert layer.batch_mean.dtype == inp.dtype
+            assert layer.max_rel_diff < 1e-5, (mode, layer.name)
+            var, mean = torch.var_mean(inp.double(), dim=(0, 2, 3), unbiased=False)
+            torch.testing.assert_close(layer.batch_mean.double(), mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(layer.batch_var.double(), var, rtol=1e-5, atol=1e-6)
+            if mode == "train":
+                assert layer.running_update_max_abs_diff < 1e-5
+                assert torch.equal(layer.running_mean_after, after[layer.name][0])
+        assert report.layer("a").weight is None and report.layer("b").weight.dtype == torch.float64

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -158,3 +160,30 @@ def test_explain_element_text():
     assert e["x_hat"] == pytest.approx(0.5) and e["manual"] == pytest.approx(0.5)
     assert e["abs_diff"] == pytest.approx(0.0)
     assert e["equation"].startswith("y = (2 - 1) / sqrt(3 + 1) * 0.5 + 0.25")
+
+
+def test_summarise_keeps_layers_apart_and_reports_non_finite_outputs():
+    """Many probes summarised together give each layer its own numbers; a NaN or inf in the
+    native output is reported as such, never as a small difference."""
+    torch.manual_seed(3)
+    xs = [torch.randn(2, c, 3, 3) * (i + 1) + i for i, c in enumerate([2, 5, 3])]
+    ys = [manual_bn.manual_batch_norm(x, *(lambda s: (s.mean, s.var))(manual_bn.batch_stats(x)),
+                                      None, None, 1e-5) for x in xs]
+    ys[1] = ys[1].clone()
+    ys[1][0, 4, 1, 1] += 0.25  # one wrong value in layer 1, channel 4
+    probes = [manual_bn.probe_layer(x, y, weight=None, bias=None, eps=1e-5) for x, y in zip(xs, ys)]
+    checks = manual_bn.summarise(probes)
+    assert checks[0].max_abs_diff < 1e-5 and checks[2].max_abs_diff < 1e-5
+    assert checks[1].max_abs_diff == pytest.approx(0.25, abs=1e-5)
+    assert int(checks[1].channel_max_abs_diff.argmax()) == 4
+    for x, check in zip(xs, checks):
+        ref = manual_bn.batch_stats(x)
+        torch.testing.assert_close(check.batch.mean, ref.mean)
+        torch.testing.assert_close(check.batch.var, ref.var)
+    bad = ys[0].clone()
+    bad[1, 1, 0, 0] = float("nan")
+    nan_check = manual_bn.check_layer(xs[0], bad, weight=None, bias=None, eps=1e-5)
+    assert math.isnan(nan_check.max_abs_diff)
+    bad[1, 1, 0, 0] = float("inf")
+    inf_check = manual_bn.check_layer(xs[0], bad, weight=None, bias=None, eps=1e-5)
+    assert math.isinf(inf_check.max_abs_diff) and inf_check.channel_max_abs_diff[0] < 1e-5
