@@ -562,9 +562,9 @@ class _Session(TorchFunctionMode):
             use_running = self.before[name]["stats_used"] == "running"
             # In eval mode the forward does not touch the buffers, so the module's own
             # running statistics are the ones BN just used.
-            probe = manual_bn.probe_layer(
-                x.detach(),
-                output.detach(),
+            probe = manual_bn.probe_layer(  # no detach needed: the forward runs in no_grad
+                x,
+                output,
                 weight=module.weight,
                 bias=module.bias,
                 eps=module.eps,
@@ -951,14 +951,19 @@ def _report_tensors(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | N
     for i, t in enumerate(tensors):
         if t is not None:
             groups.setdefault((t.dtype, t.device), []).append(i)
+    with torch.no_grad():
+        _copy_groups(tensors, groups, out)
+    return out
+
+
+def _copy_groups(tensors, groups, out) -> None:
     for idxs in groups.values():
-        parts = [tensors[i].detach() for i in idxs]  # type: ignore[union-attr]
+        parts = [tensors[i] for i in idxs]
         flat = torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in parts])
         flat = _cpu(flat)
         for i, p, piece in zip(idxs, parts, flat.split([p.numel() for p in parts]),
                                strict=True):
             out[i] = piece if p.dim() == 1 else piece.view(p.shape)
-    return out
 
 
 def _ints(tensors: list[torch.Tensor | None]) -> list[int | None]:

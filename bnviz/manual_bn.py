@@ -123,16 +123,33 @@ class Scratch:
 
     def __init__(self) -> None:
         self._buf: torch.Tensor | None = None
+        self._views: dict[tuple, torch.Tensor] = {}
 
     def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         buf = self._buf
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
             buf = torch.empty(numel, dtype=dtype, device=device)
             self._buf = buf
+            self._views = {}
         return buf[:numel]
+
+    def view(self, shape: tuple[int, ...], dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+        """The buffer as a tensor of ``shape``; views are remembered (two ops saved a layer)."""
+        numel = math.prod(shape)
+        buf = self._buf
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            self.get(numel, dtype, device)
+        key = tuple(shape)
+        view = self._views.get(key)
+        if view is None:
+            view = self._buf[:numel].view(shape)  # type: ignore[index]
+            self._views[key] = view
+        return view
 
     def release(self) -> None:
         self._buf = None
+        self._views = {}
 
 
 @dataclass
@@ -205,7 +222,7 @@ def probe_layer(
     if x3.dtype != work:
         x3 = x3.to(work)
         y3 = y3.to(work)
-    s = (scratch or Scratch()).get(x3.numel(), work, x3.device).view(n, c, length)
+    s = (scratch or Scratch()).view((n, c, length), work, x3.device)
 
     total = x3.sum(dim=(0, 2))
     centre = total / count
@@ -279,6 +296,7 @@ def summarise(probes: list[Probe], device: torch.device | str | None = None) -> 
     return results  # type: ignore[return-value]
 
 
+@torch.no_grad()
 def _summarise_group(probes: list[Probe], device) -> list[LayerCheck]:
     work = probes[0].centre.dtype
     dev = probes[0].centre.device
@@ -298,8 +316,7 @@ def _summarise_group(probes: list[Probe], device) -> list[LayerCheck]:
         cat(getattr(p, field) for p in probes)
         for field in ("total", "centre", "sq", "scale", "hi", "lo", "norm_mean")
     )
-    beta = cat(p.bias.detach().to(f64) if p.bias is not None else zeros_like(p)
-               for p in probes)
+    beta = cat(p.bias if p.bias is not None else zeros_like(p) for p in probes)
 
     mean = total / counts
     var = (sq / counts - (mean - centre) ** 2).clamp_min(0)
@@ -318,16 +335,15 @@ def _summarise_group(probes: list[Probe], device) -> list[LayerCheck]:
     block = torch.stack([mean, var, unbiased, channel_diff]).to(work)
     if device is not None:
         block = block.to(device)
+    rows = [row.split(sizes) for row in block]  # per-layer views, 4 ops for all layers
     tiny = torch.finfo(work).tiny
     out = []
-    for p, part, diff, ysq in zip(probes, block.split(sizes, dim=1), layer_diff, layer_y_sq,
-                                  strict=True):
-        mean_c, var_c, unb_c, diff_c = part.unbind(0)
+    for i, (p, diff, ysq) in enumerate(zip(probes, layer_diff, layer_y_sq, strict=True)):
         out_scale = math.sqrt(ysq)
         out.append(LayerCheck(
-            batch=BatchStats(mean=mean_c, var=var_c,
-                             var_unbiased=unb_c if p.count > 1 else None, count=p.count),
-            channel_max_abs_diff=diff_c,
+            batch=BatchStats(mean=rows[0][i], var=rows[1][i],
+                             var_unbiased=rows[2][i] if p.count > 1 else None, count=p.count),
+            channel_max_abs_diff=rows[3][i],
             max_abs_diff=diff,
             max_rel_diff=diff / max(out_scale, tiny),
             output_rms_max=out_scale,
