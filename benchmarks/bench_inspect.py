@@ -119,6 +119,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f}")
+    tuning = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    print(f"allocator: {'glibc tuned ' + str(tuning) if tuning else 'default'}")
     if torch.cuda.is_available():
         print(f"gpu: {torch.cuda.get_device_name(0)}")
     print()
