@@ -45,8 +45,9 @@ TIMING = os.environ.get("BNVIZ_TIMING") == "1"
 
 def log_time(what: str, t0: float) -> None:
     if TIMING:
-        print(f"bnviz-timing {what} {(time.perf_counter() - t0) * 1000:.1f} ms",
-              file=sys.stderr, flush=True)
+        now = time.perf_counter()
+        print(f"bnviz-timing {what} {(now - t0) * 1000:.1f} ms (epoch start "
+              f"{time.time() - (now - t0):.3f})", file=sys.stderr, flush=True)
 
 
 # -- cached resources ------------------------------------------------------------------------
@@ -61,8 +62,13 @@ def get_model(name: str, random_init: bool) -> bnviz.LoadedModel:
     if random_init:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return bnviz.load_model(name, weights=None)
-    return bnviz.load_model(name)
+            loaded = bnviz.load_model(name, weights=None)
+    else:
+        loaded = bnviz.load_model(name)
+    # Modules and the model live as long as the server: exempt them from the garbage
+    # collection Streamlit runs after every rerun (~250 ms otherwise; see the function).
+    dash.freeze_long_lived_objects()
+    return loaded
 
 
 @st.cache_resource(show_spinner=False, max_entries=dash.view_cache_entries())
@@ -305,7 +311,6 @@ def view_overview(view: dash.ViewData) -> None:
 
 def view_layer(view: dash.ViewData, overrides: dict) -> dash.LayerView:
     """The layer picker and what the layer did (its charts are in the tabs below)."""
-    st.header("2. Layer view")
     names = view.layer_names
     if ss.get("layer") not in names:
         request = ss.pop("_layer_request", "")
@@ -457,12 +462,26 @@ def main() -> None:
                    "(AlexNet predates BatchNorm). Pick another model.")
         return
 
+    log_time("sidebar", _t0)
     try:
         x = get_stimulus(repr(cfg.eval_key()[3:]), cfg, upload_path)
     except BnvizError as exc:
         st.error(str(exc))
         return
     preview_sidebar(x, loaded, cfg, upload_name)
+    # Drawn before the forward: the browser loads and starts its chart code while the
+    # network runs (on a cold start that overlaps ~1 s of the wait for the first charts).
+    try:
+        pre = dash.preprocessed_preview(loaded, x)
+    except BnvizError as exc:  # what inspect would report for this input
+        st.error(str(exc))
+        return
+    st.sidebar.plotly_chart(
+        figures.input_figure(pre.z, pre.rows, pre.cols,
+                             figures.RANDOM_INIT_LABEL if cfg.random_init else ""),
+        config=PLOT_CONFIG, theme=None, key="chart_preprocess")
+    st.sidebar.caption(dash.EXPLAIN["preprocess"]
+                       + f" Preprocessing: {loaded.preprocess.description}.")
 
     try:
         modes = dash.overrides_to_modes(cfg.mode, overrides, layer_names)
@@ -473,11 +492,10 @@ def main() -> None:
         st.error(str(exc))
         return
 
+    log_time("view", _t0)
     header(view, cfg, upload_name)
-    st.sidebar.plotly_chart(figures.preprocess_figure(view), config=PLOT_CONFIG, theme=None,
-                            key="chart_preprocess")
-    st.sidebar.caption(dash.EXPLAIN["preprocess"] + f" Preprocessing: {view.preprocessing}.")
     view_overview(view)
+    st.header("2. Layer view")  # outside the fragment: not resent on every layer switch
     layer_fragment(view, overrides, cfg)
     # The all-eval reference run comes last, so the charts above are already on screen
     # while it runs (first visit of a configuration only; it is cached like the view).

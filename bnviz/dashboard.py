@@ -28,6 +28,7 @@ evaluated on the stored inputs -- the same thing :meth:`LayerReport.manual_outpu
 from __future__ import annotations
 
 import ctypes
+import gc
 import hashlib
 import io
 import math
@@ -77,7 +78,9 @@ MAP_BUDGET = 160_000
 HIST_BINS = 24
 HIST_SAMPLE = 512
 #: Elements per layer in the manual-vs-native scatter sample (fixed seed: reproducible).
-SAMPLE_POINTS = 3000
+#: 1000 points draw in ~40 ms as SVG in a browser without a GPU (3000: ~140 ms); the
+#: per-channel maximum difference next to the scatter covers *every* element anyway.
+SAMPLE_POINTS = 1000
 SAMPLE_SEED = 0
 #: Cap on the raw-stimulus preview thumbnails.
 PREVIEW_IMAGES = 8
@@ -978,6 +981,30 @@ def strip_tensors(report: InspectionReport) -> InspectionReport:
     return replace(report, layers=layers, model_input=torch.empty(0))
 
 
+@dataclass(frozen=True)
+class InputPreview:
+    """Image 0 of what the network receives (after its preprocessing), on a grid of at most
+    :data:`PREVIEW_GRID` x :data:`PREVIEW_GRID` real values: ``z`` is (3, rows, cols)."""
+
+    z: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+
+
+def input_preview(model_input: torch.Tensor) -> InputPreview:
+    """The preview of an already preprocessed batch (``report.model_input``)."""
+    mi = as_4d(model_input)
+    rows, cols = grid_indices(mi.shape[2], PREVIEW_GRID), grid_indices(mi.shape[3], PREVIEW_GRID)
+    return InputPreview(subsample_map(mi[0], rows, cols), _frozen(rows), _frozen(cols))
+
+
+def preprocessed_preview(loaded, x: torch.Tensor) -> InputPreview:
+    """The same preview *before* any forward: ``loaded.preprocess`` is exactly what
+    :func:`bnviz.inspect` applies, so the app can draw it while the network still runs
+    (the browser then loads its chart code during the forward, not after it)."""
+    return input_preview(loaded.preprocess(x.detach()))
+
+
 def build_view_data(report: InspectionReport, *, random_init: bool,
                     meta: Mapping[str, Any] | None = None) -> ViewData:
     """Condense a report made with ``keep_tensors=True`` into a :class:`ViewData`."""
@@ -988,8 +1015,7 @@ def build_view_data(report: InspectionReport, *, random_init: bool,
     if report.predictions is not None:
         preds = tuple(tuple((p.index, p.label, float(p.probability)) for p in row)
                       for row in report.predictions)
-    mi = as_4d(report.model_input)
-    prow, pcol = grid_indices(mi.shape[2], PREVIEW_GRID), grid_indices(mi.shape[3], PREVIEW_GRID)
+    preview = input_preview(report.model_input)
     return ViewData(
         model=report.model, weights=report.weights, random_init=random_init,
         device=report.device, input_shape=tuple(report.input_shape),
@@ -1000,8 +1026,7 @@ def build_view_data(report: InspectionReport, *, random_init: bool,
         layers=layers, predictions=preds, overview=frame,
         table_csv=frame.to_csv(index=False),
         stats_report=strip_tensors(report),
-        model_input_preview=subsample_map(mi[0], prow, pcol),
-        preview_rows=_frozen(prow), preview_cols=_frozen(pcol),
+        model_input_preview=preview.z, preview_rows=preview.rows, preview_cols=preview.cols,
         meta=dict(meta or {}),
     )
 
@@ -1029,12 +1054,54 @@ def compute_view_data(loaded, x: torch.Tensor, modes: Mapping[str, str] | str | 
     from .inspection import inspect
 
     _count("view")
-    report = inspect(loaded, x, modes=modes, device=device, keep_tensors=True)
+    _forward_started()
     try:
-        return build_view_data(report, random_init=random_init, meta=meta)
+        report = inspect(loaded, x, modes=modes, device=device, keep_tensors=True)
+        try:
+            return build_view_data(report, random_init=random_init, meta=meta)
+        finally:
+            del report
     finally:
-        del report
-        release_memory()
+        _forward_finished()
+
+
+#: Seconds without a forward before the freed activation memory goes back to the system.
+RELEASE_DELAY_S = 10.0
+_RELEASE_LOCK = threading.Lock()
+_RELEASE = {"running": 0, "timer": None}
+
+
+def _forward_started() -> None:
+    with _RELEASE_LOCK:
+        _RELEASE["running"] += 1
+        timer = _RELEASE["timer"]
+        if timer is not None:
+            timer.cancel()
+            _RELEASE["timer"] = None
+
+
+def _forward_finished() -> None:
+    with _RELEASE_LOCK:
+        _RELEASE["running"] -= 1
+        if _RELEASE["running"] == 0:
+            timer = threading.Timer(RELEASE_DELAY_S, _release_when_idle)
+            timer.daemon = True
+            _RELEASE["timer"] = timer
+            timer.start()
+
+
+def _release_when_idle() -> None:
+    with _RELEASE_LOCK:
+        if _RELEASE["running"]:  # a forward started meanwhile; it schedules the next one
+            return
+        _RELEASE["timer"] = None
+    release_memory()
+
+
+def release_pending() -> bool:
+    """Whether a deferred :func:`release_memory` is scheduled (for tests)."""
+    with _RELEASE_LOCK:
+        return _RELEASE["timer"] is not None
 
 
 def release_memory() -> None:
@@ -1044,6 +1111,12 @@ def release_memory() -> None:
     in its heap, so a server's RSS would grow by hundreds of MB per configuration instead of
     the ~40 MB its condensed view really holds. ``malloc_trim`` returns it (measured: 1.54 GB
     -> 1.10 GB after one configuration). A no-op where glibc is not the allocator.
+
+    :func:`compute_view_data` calls it only once no forward has run for
+    :data:`RELEASE_DELAY_S` seconds: the next forward would otherwise fault all those pages
+    in again (measured, efficientnet_lite0, batch 8, one thread: forward 720-870 ms right
+    after a trim, 430-570 ms reusing the heap), so a student toggling modes gets the fast
+    path and an idle server still gives the memory back.
     """
     global _LIBC
     if _LIBC is None:
@@ -1355,6 +1428,27 @@ def configure_torch_threads() -> int:
         torch.set_num_threads(min(n, torch.get_num_threads()) if not wanted else n)
         _THREADS_SET = True
     return torch.get_num_threads()
+
+
+def freeze_long_lived_objects() -> int:
+    """Exempt every object alive now (modules, the loaded model) from garbage collection
+    scans; returns how many objects are exempt.
+
+    Streamlit runs ``gc.collect(2)`` after every script run, fragment reruns included
+    (``runner.postScriptGC``). With PyTorch, torchvision, plotly and pandas imported, that is
+    a scan of ~450k objects: ~250 ms on a 2-core machine, holding the GIL, so the server
+    could not send the finished rerun to the browser in that time (measured: a 10 ms layer
+    switch reached the browser 250-300 ms after the click). ``gc.freeze()`` moves the objects
+    alive now into the permanent generation, so the post-run collection only scans what was
+    created since (a few ms) and still frees every reference cycle a session creates.
+
+    Call it once a model has been loaded (the app does, when it loads one): at that point
+    nearly everything alive lives as long as the process, and a collection right after the
+    imports and the model load finds no garbage to free (measured: 0 objects), so nothing
+    collectable is frozen.
+    """
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def view_cache_entries() -> int:

@@ -3,8 +3,9 @@
 Every builder takes the condensed data of :mod:`bnviz.dashboard` (a :class:`ViewData` or a
 :class:`LayerView`) and returns a figure; nothing here touches Streamlit or runs a network,
 so the figures are unit-tested against PyTorch's numbers directly (a trace's ``y`` *is* the
-report's ``batch_mean``). Values are passed as numpy arrays, which plotly serialises as
-compact base64 -- the whole page stays far below the 2 MB per rerun budget.
+report's ``batch_mean``). Arrays leave as plain JSON lists with a content digest as
+``layout.datarevision`` (exact float32 values; see :func:`_plain_data` for why not base64):
+the whole page stays far below the 2 MB per rerun budget.
 
 Speed: figures are written as plain dict specs with explicit subplot domains and wrapped in
 ``go.Figure(spec, _validate=False)``. Plotly's per-property validation (and
@@ -19,6 +20,7 @@ so a screenshot can never be mistaken for a trained network's statistics.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,10 +41,11 @@ RANDOM_INIT_LABEL = "random init (not pretrained)"
 
 #: Above this many channels a per-channel trace is drawn as one step line (one SVG path)
 #: instead of one SVG node per channel: a 1280-channel layer would otherwise put ~10k nodes
-#: on the page and a layer switch would spend most of its time in the browser. (WebGL is no
-#: better: without a GPU, as in headless browsers and many school laptops, it is emulated
-#: and costs ~200 ms per chart.)
-MANY_CHANNELS = 256
+#: on the page and a layer switch would spend most of its time in the browser (measured in
+#: headless chromium: 4 traces of 144 markers draw in ~50 ms, as step lines in ~25 ms).
+#: WebGL is no better: without a GPU, as in headless browsers and many school laptops, it
+#: is emulated and costs ~200 ms per chart.
+MANY_CHANNELS = 64
 #: Above this many channels, per-channel bars become one step-shaped filled line.
 BAR_CHANNELS = 128
 
@@ -127,19 +130,64 @@ class _Grid:
 
 
 def _figure(data: list[dict], layout: dict, title: str, height: int,
-            label: str = "", legend: bool = True) -> go.Figure:
+            label: str = "", legend: bool = True, plain: bool = True) -> go.Figure:
     layout = dict(layout)
+    if plain:
+        data, layout["datarevision"] = _plain_data(data)
     layout.update(
-        # no template: plotly.js's plain defaults; saves ~7 KB and a merge per chart
-        template={},
+        # no template: plotly.js's plain defaults; saves ~7 KB and a merge per chart. A
+        # string, not {}: see _plain_data for why every value must compare equal by value.
+        template="none",
         title={"text": titled(title, label), "x": 0.0, "xanchor": "left", "font": {"size": 15}},
         height=height,
-        margin={"l": 55, "r": 20, "t": 80, "b": 45},
+        # Fixed margins unless a colour bar needs room: with autoexpand plotly.js measures
+        # every legend and label and lays the chart out a second time (measured: 15-30 ms
+        # of a 30-40 ms draw in headless chromium).
+        margin={"l": 55, "r": 20, "t": 80, "b": 45,
+                "autoexpand": _has_colorbar(data, layout)},
         showlegend=legend,
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.06, "x": 1.0,
                 "xanchor": "right"},
     )
     return go.Figure({"data": data, "layout": layout}, _validate=False)
+
+
+def _has_colorbar(data: list[dict], layout: dict) -> bool:
+    if any(k.startswith("coloraxis") for k in layout):
+        return True
+    return any(t.get("type") == "heatmap" and t.get("showscale", True) and "coloraxis" not in t
+               for t in data)
+
+
+def _plain(value: Any, digest) -> Any:
+    if isinstance(value, np.ndarray):
+        digest.update(f"{value.dtype.str}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v, digest) for k, v in value.items()}
+    digest.update(repr(value).encode())
+    return value
+
+
+def _plain_data(data: list[dict]) -> tuple[list[dict], str]:
+    """Traces with every numpy array as a plain list, and a digest of their content.
+
+    Why (measured in headless chromium): Streamlit's chart component draws every new
+    figure twice -- ``Plotly.react`` on mount, then again with a JSON copy of the same
+    figure. Plotly redraws everything on that second call (40-80 ms per chart, as long as
+    the first draw) unless it can tell nothing changed: data arrays must be plain arrays
+    (base64 typed arrays always count as changed), ``layout.datarevision`` must be set (then
+    arrays are compared through it) and no layout value may be an object compared by
+    identity (``template: {}`` was one). With all three the second call costs ~10 ms.
+
+    The revision is a digest of the arrays' bytes (and the other trace values), so a figure
+    with other numbers always gets another revision. Lists of float32 values are exact:
+    each becomes the double equal to it.
+    """
+    digest = hashlib.blake2b(digest_size=10)
+    plain = [_plain(trace, digest) for trace in data]
+    return plain, digest.hexdigest()
 
 
 def _points(x, y, name: str, color: str, refs: dict, symbol: str = "circle",
@@ -383,7 +431,8 @@ def all_channels_figure(layer: LayerView, channel: int | None = None,
     chans = np.arange(layer.num_features, dtype=np.int32)
     grid = _Grid(1, 1)
     data = [
-        {"type": "heatmap", "z": np.log1p(np.asarray(counts, dtype=np.float32)),
+        # colour only (the hover says so): 4 decimals keep the JSON small for wide layers
+        {"type": "heatmap", "z": np.round(np.log1p(np.asarray(counts, dtype=np.float64)), 4),
          "x": _f32(centres), "y": chans, "colorscale": "Viridis",
          "colorbar": {"title": {"text": "log(1+n)"}, "thickness": 12},
          "hovertemplate": "channel %{y}<br>value %{x:.4g}<br>log(1+count) %{z:.3g}"
@@ -404,7 +453,12 @@ def all_channels_figure(layer: LayerView, channel: int | None = None,
 def manual_vs_native_figure(layer: LayerView, channel: int | None = None,
                             label: str = "") -> go.Figure:
     """Manual formula against native BN output (sampled elements), and the per-channel max
-    difference over *all* elements (computed by the core during the forward)."""
+    difference over *all* elements (computed by the core during the forward).
+
+    The sample is drawn as SVG ``scatter``, not ``scattergl``: without a GPU (headless
+    browsers, many school laptops) WebGL is emulated and its set-up alone costs ~200 ms per
+    draw; 1000 SVG points cost ~40 ms (3000 cost ~140 ms, hence
+    :data:`bnviz.dashboard.SAMPLE_POINTS`)."""
     native = _f32(layer.sample_native)
     manual = _f32(layer.sample_manual)
     grid = _Grid(1, 2, hspace=0.1, col_widths=(0.45, 0.55), titles=(
@@ -416,7 +470,7 @@ def manual_vs_native_figure(layer: LayerView, channel: int | None = None,
         {"type": "scatter", "x": [lo, hi], "y": [lo, hi], "mode": "lines",
          "name": "identity y = x", "line": {"color": REFERENCE, "dash": "dash"},
          **grid.refs(1, 1)},
-        {"type": "scattergl", "x": native, "y": manual, "mode": "markers", "name": "elements",
+        {"type": "scatter", "x": native, "y": manual, "mode": "markers", "name": "elements",
          "customdata": np.asarray(layer.sample_index, dtype=np.int32),
          "marker": {"color": MANUAL, "size": 3, "opacity": 0.6},
          "hovertemplate": ("x[%{customdata[0]},%{customdata[1]},%{customdata[2]},"
@@ -478,28 +532,41 @@ def predictions_figure(current, reference, image: int = 0, label: str = "") -> g
     for col, (preds, color, name) in enumerate(((current, BATCH, "current"),
                                                 (reference, RUNNING, "all eval")), start=1):
         grid.axis(1, col, "x").update(range=[0, 1], tickformat=".0%")
-        grid.axis(1, col, "y").update(automargin=True)  # room for long class names
+        grid.axis(1, col, "y").update(tickfont={"size": 11})
         if not preds:
             continue
         row = list(preds[image])[::-1]
         data.append({"type": "bar", "orientation": "h", "x": [p[2] for p in row],
                      "y": [p[1] for p in row], "marker": {"color": color}, "name": name,
                      "hovertemplate": "%{y}: %{x:.2%}<extra></extra>", **grid.refs(1, col)})
-    return _figure(data, grid.layout, f"Top-5 predictions for image {image}", 330, label,
-                   legend=False)
+    fig = _figure(data, grid.layout, f"Top-5 predictions for image {image}", 330, label,
+                  legend=False)
+    # room for the longest ImageNet name (30 characters) without automargin's second layout
+    fig.layout.margin.l = 200
+    return fig
 
 
 def preprocess_figure(view: ViewData) -> go.Figure:
     """The network's actual input (after preprocessing), image 0, per colour channel."""
-    z = view.model_input_preview
+    return input_figure(view.model_input_preview, view.preview_rows, view.preview_cols,
+                        view.weights_label)
+
+
+def input_figure(z: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                 label: str = "") -> go.Figure:
+    """:func:`preprocess_figure` from the arrays of a :class:`~bnviz.dashboard.InputPreview`
+    (the app draws it before the forward has run)."""
     n = z.shape[0]
     grid = _Grid(1, n, hspace=0.03, titles=[f"channel {i}" for i in range(n)])
-    data = [_heat(z[i], view.preview_rows, view.preview_cols, f"channel {i}",
-                  grid.refs(1, i + 1), coloraxis="coloraxis") for i in range(n)]
+    data = [_heat(z[i], rows, cols, f"channel {i}", grid.refs(1, i + 1),
+                  coloraxis="coloraxis") for i in range(n)]
     _square_axes(grid, n, ticks=False)
     layout = grid.layout
     layout["coloraxis"] = {"colorscale": "Greys_r", "colorbar": {"thickness": 10}}
+    # base64 arrays (plain=False): 3 x 56 x 56 exact values are 180 KB as JSON lists and
+    # 38 KB as base64; this chart only changes with the input, never on a layer, channel or
+    # mode change, so the second draw it costs once is cheaper than the bytes
     fig = _figure(data, layout, "network input (after preprocessing), image 0", 210,
-                  view.weights_label, legend=False)
+                  label, legend=False, plain=False)
     fig.update_layout(margin={"l": 10, "r": 10, "t": 60, "b": 10}, title_font_size=13)
     return fig

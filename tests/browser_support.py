@@ -92,11 +92,12 @@ class Server:
         except OSError:
             return ""
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the server process (Linux /proc)."""
+    def rss_bytes(self, field: str = "VmRSS") -> int:
+        """Resident memory of the server process (Linux /proc); ``field="VmHWM"`` gives
+        its peak so far."""
         with open(f"/proc/{self.pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
         return 0
 

@@ -449,3 +449,58 @@ def test_bn1d_model_view():
     lv = view.layers[0]
     assert lv.map_input.shape == (4, 1, 1) and lv.hist_count == 16
     np.testing.assert_array_equal(lv.batch_mean, report.layers[0].batch_mean.numpy())
+
+
+def test_shipped_imagenet_names_equal_torchvision():
+    import torchvision
+
+    from bnviz.imagenet import imagenet_class_names
+
+    assert imagenet_class_names() == list(
+        torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"])
+
+
+def test_default_model_loads_without_torchvision():
+    """The default model's class names come from the shipped file: no torchvision import
+    (and its ~1.5 s) at start-up."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bnviz; bnviz.load_model('efficientnet_lite0'); "
+            "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_freeze_long_lived_objects():
+    import gc
+
+    before = gc.get_freeze_count()
+    assert dash.freeze_long_lived_objects() >= before
+    assert gc.get_freeze_count() > 0
+
+
+def test_memory_release_waits_for_idle(lite, monkeypatch):
+    """The freed activation memory is handed back only once no forward runs (no timing
+    assumed: the timer is inspected and its callback called directly)."""
+    calls = []
+    monkeypatch.setattr(dash, "release_memory", lambda: calls.append(1))
+    monkeypatch.setattr(dash, "RELEASE_DELAY_S", 3600.0)
+    x = bnviz.make_stimulus("uniform", SIZE, 1)
+    dash.compute_view_data(lite, x, "eval", "cpu", random_init=False)
+    assert dash.release_pending() and calls == []  # not right after the forward
+    dash._forward_started()  # a new forward cancels the pending release ...
+    assert not dash.release_pending()
+    dash._forward_finished()  # ... and schedules it again when it ends
+    assert dash.release_pending()
+    with dash._RELEASE_LOCK:
+        dash._RELEASE["timer"].cancel()
+    dash._forward_started()
+    dash._release_when_idle()  # the timer firing while a forward runs: nothing happens
+    assert calls == []
+    dash._forward_finished()
+    with dash._RELEASE_LOCK:
+        dash._RELEASE["timer"].cancel()
+    dash._release_when_idle()  # what the timer runs once the server is idle
+    assert calls == [1] and not dash.release_pending()

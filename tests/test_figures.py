@@ -107,7 +107,7 @@ def test_every_figure_is_valid_plotly(lite_view, resnet_view, eval_lite_view):
     """The builders skip plotly's validation for speed; here it runs on every figure."""
     cases = [(lite_view, lite_view.layer("_bn0")), (resnet_view, resnet_view.layer("bn1")),
              (eval_lite_view, eval_lite_view.layer("_blocks.4._bn2")),
-             (lite_view, lite_view.layers[-1])]  # 1280 channels: the WebGL / step variants
+             (lite_view, lite_view.layers[-1])]  # 1280 channels: the step-line variants
     for view, layer in cases:
         figs = all_figures(view, layer)
         for name, fig in figs.items():
@@ -132,6 +132,60 @@ def test_payload_is_small(lite_view):
     total = sum(len(pio.to_json(f, validate=False))
                 for f in all_figures(lite_view, lite_view.layer("_bn0")).values())
     assert total < 600_000  # the budget per rerun is 2 MB for everything
+
+
+def _arrays_in(value, path=""):
+    """Paths of base64-encoded (typed) arrays anywhere in a JSON value."""
+    if isinstance(value, dict):
+        if "bdata" in value:
+            return [path]
+        return [p for k, v in value.items() for p in _arrays_in(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _arrays_in(v, f"{path}[{i}]")]
+    return []
+
+
+def test_figures_redraw_once_in_the_browser(lite_view, resnet_view):
+    """What lets plotly.js skip the second, identical draw Streamlit asks for (see
+    ``figures._plain_data``): plain arrays, a data revision, no object-valued template."""
+    for view, layer in ((lite_view, lite_view.layer("_bn0")), (lite_view, lite_view.layers[-1]),
+                        (resnet_view, resnet_view.layer("bn1"))):
+        for name, fig in all_figures(view, layer).items():
+            s = spec(fig)
+            assert s["layout"]["template"] == "none", name
+            if name == "pre":  # the input preview stays base64 (see figures.input_figure)
+                continue
+            assert _arrays_in(s["data"]) == [], name
+            assert isinstance(s["layout"]["datarevision"], str), name
+    # the revision follows the numbers: same data -> same revision, other data -> another
+    layer = lite_view.layer("_bn0")
+    rev = spec(F.channel_stats_figure(layer, 1))["layout"]["datarevision"]
+    assert spec(F.channel_stats_figure(layer, 2))["layout"]["datarevision"] == rev
+    other = spec(F.channel_stats_figure(lite_view.layers[1], 1))["layout"]["datarevision"]
+    assert other != rev
+
+
+def test_plain_lists_keep_float32_values_exactly(lite_view):
+    layer = lite_view.layers[-1]
+    s = spec(F.channel_stats_figure(layer))
+    y = np.asarray(trace(s, "batch mean")["y"], dtype=np.float64)
+    assert np.array_equal(y.astype(np.float32), layer.batch_mean)
+    assert np.array_equal(y, layer.batch_mean.astype(np.float64))  # no rounding at all
+
+
+def test_input_preview_before_the_forward_equals_the_report(lite_report, lite_view):
+    """The sidebar draws the network input before inspect runs: same numbers."""
+    model = bnviz.load_model("efficientnet_lite0")
+    x = bnviz.make_stimulus("image", SIZE, BATCH, composition="different", name="chelsea")
+    pre = dash.preprocessed_preview(model, x)
+    np.testing.assert_array_equal(pre.z, lite_view.model_input_preview)
+    np.testing.assert_array_equal(pre.rows, lite_view.preview_rows)
+    assert spec(F.input_figure(pre.z, pre.rows, pre.cols)) == spec(F.preprocess_figure(lite_view))
+
+
+def test_manual_scatter_is_svg(lite_view):
+    s = spec(F.manual_vs_native_figure(lite_view.layer("_bn0"), 0))
+    assert {t["type"] for t in s["data"]} <= {"scatter", "bar"}  # no WebGL without a GPU
 
 
 # -- content equals PyTorch ---------------------------------------------------------------------
@@ -229,7 +283,9 @@ def test_all_channels_heatmap(lite_view):
     lv = lite_view.layer("_blocks.2._bn1")
     s = spec(F.all_channels_figure(lv, 1))
     z = arr(s["data"][0]["z"])
-    np.testing.assert_allclose(z, np.log1p(lv.hist_input[1].astype(np.float32)), rtol=1e-6)
+    # colour = log(1 + count) to 4 decimals (small JSON); the counts themselves are exact
+    np.testing.assert_allclose(z, np.log1p(lv.hist_input[1].astype(np.float64)), atol=5e-5)
+    np.testing.assert_array_equal(np.rint(np.expm1(z)), lv.hist_input[1])
     np.testing.assert_array_equal(arr(trace(s, "batch mean")["x"]), lv.batch_mean)
 
 
