@@ -351,26 +351,15 @@ def _summarise_group(probes: list[Probe], device) -> list[LayerCheck]:
     return out
 
 
-def check_layer(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    running_mean: torch.Tensor | None = None,
-    running_var: torch.Tensor | None = None,
-    use_running: bool = False,
-    scratch: Scratch | None = None,
-) -> LayerCheck:
+def check_layer(x: torch.Tensor, y: torch.Tensor, **options) -> LayerCheck:
     """Batch statistics of ``x`` and the manual BN output compared against native ``y``.
 
-    One layer's :func:`probe_layer` followed by :func:`summarise`; ``inspect`` probes every
-    layer during the forward and summarises them together afterwards.
+    Takes the keyword arguments of :func:`probe_layer` (``weight``, ``bias``, ``eps``,
+    ``running_mean``, ``running_var``, ``use_running``, ...): one layer's probe followed by
+    :func:`summarise`. ``inspect`` probes every layer during the forward and summarises
+    them together afterwards.
     """
-    probe = probe_layer(x, y, weight=weight, bias=bias, eps=eps, running_mean=running_mean,
-                        running_var=running_var, use_running=use_running, scratch=scratch)
-    return summarise([probe])[0]
+    return summarise([probe_layer(x, y, **options)])[0]
 
 
 def explain_element(
