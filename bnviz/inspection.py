@@ -409,10 +409,6 @@ def _scan(model: torch.nn.Module) -> tuple[tuple, list[str]]:
     return (tuple(modules), tuple(params)), names
 
 
-def _signature(model: torch.nn.Module) -> tuple:
-    return _scan(model)[0]
-
-
 class _CopyPool:
     """Idle private copies per (model, device), so a rerun skips the deep copy.
 
@@ -427,8 +423,8 @@ class _CopyPool:
         self._lock = threading.Lock()
         self._idle: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def acquire(self, model: torch.nn.Module, device: torch.device, sig: tuple | None = None):
-        sig = _signature(model) if sig is None else sig
+    def acquire(self, model: torch.nn.Module, device: torch.device, sig: tuple):
+        """A private copy of ``model`` on ``device``; ``sig`` is its :func:`_scan` fingerprint."""
         key = str(device)
         with self._lock:
             entries = self._idle.get(model, {}).get(key, [])
@@ -791,7 +787,7 @@ def inspect(
 
 
 def _run(module, loaded, model_input, preprocessing, requested, dev, keep, other_modules,
-         commit, top_k, names, sig=None) -> InspectionReport:
+         commit, top_k, names, sig) -> InspectionReport:
     private, sig = _POOL.acquire(module, dev, sig)
     try:
         return _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
@@ -940,6 +936,7 @@ def _running_scales(bns: dict[str, _BatchNorm]) -> dict[str, torch.Tensor]:
     return out
 
 
+@torch.no_grad()
 def _report_tensors(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """CPU copies of many small tensors: one ``cat`` per dtype and device, split into views.
 
@@ -951,19 +948,13 @@ def _report_tensors(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | N
     for i, t in enumerate(tensors):
         if t is not None:
             groups.setdefault((t.dtype, t.device), []).append(i)
-    with torch.no_grad():
-        _copy_groups(tensors, groups, out)
-    return out
-
-
-def _copy_groups(tensors, groups, out) -> None:
     for idxs in groups.values():
         parts = [tensors[i] for i in idxs]
-        flat = torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in parts])
-        flat = _cpu(flat)
+        flat = _cpu(torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in parts]))
         for i, p, piece in zip(idxs, parts, flat.split([p.numel() for p in parts]),
                                strict=True):
             out[i] = piece if p.dim() == 1 else piece.view(p.shape)
+    return out
 
 
 def _ints(tensors: list[torch.Tensor | None]) -> list[int | None]:

@@ -58,6 +58,7 @@ from .manual_bn import (
     manual_running_update,
     running_update_factor,
 )
+from .serialize import json_safe
 from .training_data import CLASS_NAMES, Dataset, DataSpec, batch_order, make_dataset
 
 VARIANTS = ("native", "manual", "detached", "frozen")
@@ -394,7 +395,7 @@ class GradientCheck:
     rows: list[dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+        return json_safe(asdict(self))
 
 
 def gradient_check(config: TrainConfig | None = None, *, state: dict | None = None,
@@ -604,7 +605,7 @@ class TrainResult:
                                         for m in trace.running_mean}
             momentum["running_var"] = {m: trace.stacked("running_var", m)[:, ch]
                                        for m in trace.running_var}
-        return _clean({
+        return json_safe({
             "config": cfg.to_dict(),
             "device": self.device,
             "status": self.status,
@@ -630,19 +631,6 @@ def _copy_containers(obj: Any) -> Any:
         return [_copy_containers(v) for v in obj]
     if isinstance(obj, dict):
         return {k: _copy_containers(v) for k, v in obj.items()}
-    return obj
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, tuples -> lists, tensors -> (nested) lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _clean(obj.tolist())
     return obj
 
 

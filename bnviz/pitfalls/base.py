@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..serialize import json_safe
 
 
 @dataclass
@@ -34,7 +35,7 @@ class PitfallResult:
     device: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(
+        return json_safe(
             {
                 "name": self.name,
                 "title": self.title,
@@ -55,19 +56,6 @@ class PitfallResult:
         import pandas as pd
 
         return pd.DataFrame(self.table)
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, tuples -> lists, tensors/numpy -> lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if hasattr(obj, "tolist"):
-        return _clean(obj.tolist())
-    return obj
 
 
 @dataclass
