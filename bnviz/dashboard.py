@@ -818,9 +818,6 @@ class ViewData:
     overview: Any  # pandas DataFrame: report.to_frame()
     table_csv: str
     stats_report: InspectionReport  # the report without activation tensors (for JSON export)
-    model_input_preview: np.ndarray  # (3, h, w) preprocessed image 0 on a grid
-    preview_rows: np.ndarray
-    preview_cols: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -1015,7 +1012,6 @@ def build_view_data(report: InspectionReport, *, random_init: bool,
     if report.predictions is not None:
         preds = tuple(tuple((p.index, p.label, float(p.probability)) for p in row)
                       for row in report.predictions)
-    preview = input_preview(report.model_input)
     return ViewData(
         model=report.model, weights=report.weights, random_init=random_init,
         device=report.device, input_shape=tuple(report.input_shape),
@@ -1026,7 +1022,6 @@ def build_view_data(report: InspectionReport, *, random_init: bool,
         layers=layers, predictions=preds, overview=frame,
         table_csv=frame.to_csv(index=False),
         stats_report=strip_tensors(report),
-        model_input_preview=preview.z, preview_rows=preview.rows, preview_cols=preview.cols,
         meta=dict(meta or {}),
     )
 

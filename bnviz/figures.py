@@ -546,16 +546,10 @@ def predictions_figure(current, reference, image: int = 0, label: str = "") -> g
     return fig
 
 
-def preprocess_figure(view: ViewData) -> go.Figure:
-    """The network's actual input (after preprocessing), image 0, per colour channel."""
-    return input_figure(view.model_input_preview, view.preview_rows, view.preview_cols,
-                        view.weights_label)
-
-
 def input_figure(z: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                  label: str = "") -> go.Figure:
-    """:func:`preprocess_figure` from the arrays of a :class:`~bnviz.dashboard.InputPreview`
-    (the app draws it before the forward has run)."""
+    """The network's actual input (after preprocessing), image 0, per colour channel, from
+    a :class:`~bnviz.dashboard.InputPreview` (the app draws it before the forward runs)."""
     n = z.shape[0]
     grid = _Grid(1, n, hspace=0.03, titles=[f"channel {i}" for i in range(n)])
     data = [_heat(z[i], rows, cols, f"channel {i}", grid.refs(1, i + 1),

@@ -81,6 +81,10 @@ def title(s: dict) -> str:
     return s["layout"]["title"]["text"]
 
 
+_P = dash.input_preview(torch.linspace(0, 1, 3 * 20 * 20).view(1, 3, 20, 20))
+_PREVIEW = (_P.z, _P.rows, _P.cols)
+
+
 def all_figures(view: dash.ViewData, layer: dash.LayerView, channel: int = 1):
     label = view.weights_label
     figs = {
@@ -93,7 +97,8 @@ def all_figures(view: dash.ViewData, layer: dash.LayerView, channel: int = 1):
         "allch": F.all_channels_figure(layer, channel, label),
         "manual": F.manual_vs_native_figure(layer, channel, label),
         "preds": F.predictions_figure(view.predictions, view.predictions, 0, label),
-        "pre": F.preprocess_figure(view),
+        # the sidebar's network-input chart (its numbers: test_input_figure_is_the_model_input)
+        "pre": F.input_figure(*_PREVIEW, label),
     }
     if layer.map_reference is not None:
         figs["inplace"] = F.inplace_figure(layer, channel, label)
@@ -178,9 +183,10 @@ def test_input_preview_before_the_forward_equals_the_report(lite_report, lite_vi
     model = bnviz.load_model("efficientnet_lite0")
     x = bnviz.make_stimulus("image", SIZE, BATCH, composition="different", name="chelsea")
     pre = dash.preprocessed_preview(model, x)
-    np.testing.assert_array_equal(pre.z, lite_view.model_input_preview)
-    np.testing.assert_array_equal(pre.rows, lite_view.preview_rows)
-    assert spec(F.input_figure(pre.z, pre.rows, pre.cols)) == spec(F.preprocess_figure(lite_view))
+    after = dash.input_preview(lite_report.model_input)  # what the network really received
+    np.testing.assert_array_equal(pre.z, after.z)
+    np.testing.assert_array_equal(pre.rows, after.rows)
+    np.testing.assert_array_equal(pre.cols, after.cols)
 
 
 def test_manual_scatter_is_svg(lite_view):
@@ -358,9 +364,9 @@ def test_predictions_figure(lite_report, lite_view, eval_lite_view):
     assert "image 1" in title(s)
 
 
-def test_preprocess_figure_is_the_model_input(lite_report, lite_view):
-    s = spec(F.preprocess_figure(lite_view))
+def test_input_figure_is_the_model_input(lite_report):
+    pre = dash.input_preview(lite_report.model_input)
+    s = spec(F.input_figure(pre.z, pre.rows, pre.cols))
     for i, t in enumerate(s["data"]):
         np.testing.assert_array_equal(
-            arr(t["z"]), lite_report.model_input[0, i].numpy()[np.ix_(lite_view.preview_rows,
-                                                                     lite_view.preview_cols)])
+            arr(t["z"]), lite_report.model_input[0, i].numpy()[np.ix_(pre.rows, pre.cols)])
