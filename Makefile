@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 
 # glibc (Linux): keep freed activation memory for reuse instead of returning every large
-# block to the OS and page-faulting a fresh one on the next forward. About 2x faster
-# forwards/inspections on CPU (BENCHMARKS.md); the process keeps its peak heap. Ignored
+# block to the OS and page-faulting a fresh one on the next forward: ~1.5x faster
+# forwards, ~2x faster keep-all inspections on CPU (BENCHMARKS.md); the process keeps its
+# peak heap. Ignored
 # elsewhere. Override with `make run MALLOC_TUNING=`.
 MALLOC_TUNING ?= MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
 
