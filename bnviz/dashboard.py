@@ -28,6 +28,7 @@ evaluated on the stored inputs -- the same thing :meth:`LayerReport.manual_outpu
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import hashlib
 import io
@@ -612,7 +613,17 @@ def subsample_map(t: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.nda
 def histogram_positions(n: int, length: int, k: int = HIST_SAMPLE,
                         seed: int = SAMPLE_SEED) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``k`` fixed random (image, position) pairs shared by all channels of a layer, or
-    None when the layer has at most ``k`` values per channel (then all are used)."""
+    None when the layer has at most ``k`` values per channel (then all are used).
+
+    Remembered per shape: many layers share one, and drawing the permutation costs ~1 ms
+    per layer at batch 8 (the returned tensors are shared, so never written to).
+    """
+    return _histogram_positions(n, length, k, seed)
+
+
+@functools.lru_cache(maxsize=256)
+def _histogram_positions(n: int, length: int, k: int,
+                         seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     total = n * length
     if total <= k:
         return None
@@ -634,10 +645,10 @@ def channel_histograms(x4: torch.Tensor, bins: int = HIST_BINS,
     """
     n, c = x4.shape[:2]
     x3 = x4.detach().reshape(n, c, -1)
-    if positions is None:
-        vals = x3.permute(0, 2, 1).reshape(-1, c)
+    if positions is None:  # every value: no copy, channels stay on dim 1
+        vals, offsets_shape = x3, (1, c, 1)
     else:
-        vals = x3[positions[0], :, positions[1]]  # (k, C)
+        vals, offsets_shape = x3[positions[0], :, positions[1]], (1, c)  # (k, C)
     vals = vals.to(torch.float32)
     lo, hi = (float(v) for v in torch.aminmax(vals))
     if not (math.isfinite(lo) and math.isfinite(hi)):  # inf/nan (a diverged layer)
@@ -650,7 +661,7 @@ def channel_histograms(x4: torch.Tensor, bins: int = HIST_BINS,
     scale = bins / (hi - lo)
     # clamp to [0, bins - 0.5] then truncate: floor for these non-negative values
     idx = (vals - lo).mul_(scale).clamp_(0, bins - 0.5).to(torch.int32)
-    idx += torch.arange(c, dtype=torch.int32) * bins
+    idx += (torch.arange(c, dtype=torch.int32) * bins).view(offsets_shape)
     counts = torch.bincount(idx.reshape(-1), minlength=c * bins).view(c, bins)
     # with sampled positions a channel has at most HIST_SAMPLE values: 16 bits suffice
     small = counts.numel() == 0 or int(counts.max()) <= torch.iinfo(torch.int16).max
@@ -660,11 +671,20 @@ def channel_histograms(x4: torch.Tensor, bins: int = HIST_BINS,
 
 def sample_indices(shape: Sequence[int], k: int = SAMPLE_POINTS,
                    seed: int = SAMPLE_SEED) -> np.ndarray:
-    """``min(k, numel)`` distinct element indices (rows of (n, c, h, w)), fixed seed."""
+    """``min(k, numel)`` distinct element indices (rows of (n, c, h, w)), fixed seed.
+
+    Remembered per shape (read-only array): layers and configurations share shapes.
+    """
+    return _sample_indices(tuple(int(d) for d in shape), k, seed)
+
+
+@functools.lru_cache(maxsize=256)
+def _sample_indices(shape: tuple[int, ...], k: int, seed: int) -> np.ndarray:
     numel = int(np.prod(shape))
     rng = np.random.default_rng(seed)
     flat = np.sort(rng.choice(numel, size=min(k, numel), replace=False))
-    return np.stack(np.unravel_index(flat, tuple(shape)), axis=1).astype(_index_dtype(shape))
+    idx = np.stack(np.unravel_index(flat, shape), axis=1).astype(_index_dtype(shape))
+    return _frozen(idx)
 
 
 def _index_dtype(shape: Sequence[int]) -> type:
@@ -881,10 +901,21 @@ def _formula_elements(x4: torch.Tensor) -> np.ndarray:
     return idx
 
 
-def _gather(x4: torch.Tensor, idx: np.ndarray) -> np.ndarray:
-    t = torch.tensor(idx.reshape(-1, 4), dtype=torch.int64)
-    vals = x4[t[:, 0], t[:, 1], t[:, 2], t[:, 3]]
-    return _frozen(vals.detach().to(torch.float32).numpy().reshape(idx.shape[:-1]))
+class _Picker:
+    """The sampled points and the formula's elements of a layer, read from each tensor
+    (input, output, activation) with one indexing op instead of one per array."""
+
+    def __init__(self, sidx: np.ndarray, eidx: np.ndarray) -> None:
+        flat = np.concatenate([sidx.astype(np.int64), eidx.reshape(-1, 4).astype(np.int64)])
+        self._index = tuple(torch.from_numpy(np.ascontiguousarray(flat[:, i]))
+                            for i in range(4))
+        self._split = len(sidx)
+        self._eshape = eidx.shape[:-1]
+
+    def __call__(self, x4: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        vals = x4[self._index].detach().to(torch.float32).numpy()
+        return (_frozen(vals[:self._split]),
+                _frozen(vals[self._split:].reshape(self._eshape)))
 
 
 def layer_view(layer: LayerReport) -> LayerView:
@@ -904,8 +935,11 @@ def layer_view(layer: LayerReport) -> LayerView:
     count_hist = n * h * w if pos is None else len(pos[0])
 
     sidx = sample_indices(tuple(x4.shape))
-    s_in = _gather(x4, sidx[:, None, :])[:, 0]
-    s_nat = _gather(y4, sidx[:, None, :])[:, 0]
+    eidx = _formula_elements(x4)
+    pick = _Picker(sidx, eidx)
+    s_in, e_in = pick(x4)
+    s_nat, e_nat = pick(y4)
+    s_act, e_act = (None, None) if a4 is None else pick(a4)
     ch = sidx[:, 1]
     used_mean = layer.used_mean.numpy()
     used_var = layer.used_var.numpy()
@@ -914,7 +948,6 @@ def layer_view(layer: LayerReport) -> LayerView:
     s_man = literal_bn(s_in, used_mean[ch], used_var[ch], layer.eps,
                        None if weight is None else weight[ch],
                        None if bias is None else bias[ch])
-    eidx = _formula_elements(x4)
 
     map_act = None if a4 is None else subsample_map(a4[0], rows, cols)
     map_ref = None if ref4 is None else subsample_map(ref4[0], rows, cols)
@@ -958,12 +991,10 @@ def layer_view(layer: LayerReport) -> LayerView:
         hist_input=channel_histograms(x4, positions=pos),
         hist_output=channel_histograms(y4, positions=pos),
         hist_activation=None if a4 is None else channel_histograms(a4, positions=pos),
-        sample_index=_frozen(sidx), sample_input=s_in, sample_native=s_nat,
-        sample_manual=_frozen(s_man),
-        sample_activation=None if a4 is None else _gather(a4, sidx[:, None, :])[:, 0],
-        element_index=_frozen(eidx), element_input=_gather(x4, eidx),
-        element_native=_gather(y4, eidx),
-        element_activation=None if a4 is None else _gather(a4, eidx),
+        sample_index=sidx, sample_input=s_in, sample_native=s_nat,
+        sample_manual=_frozen(s_man), sample_activation=s_act,
+        element_index=_frozen(eidx), element_input=e_in, element_native=e_nat,
+        element_activation=e_act,
     )
 
 

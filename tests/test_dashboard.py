@@ -251,6 +251,24 @@ def test_scatter_manual_is_the_literal_formula(lite_report, lite_view):
         assert len(lv.sample_index) == min(dash.SAMPLE_POINTS, rep.input.numel())
 
 
+def test_sampled_points_and_elements_of_every_tensor(lite_report, lite_view):
+    """Input, output and activation are read at the same sampled points and formula
+    elements (one indexing op per tensor); the index sets are cached per shape."""
+    for name in ("_bn0", lite_report.layer_names[-1]):
+        rep, lv = lite_report.layer(name), lite_view.layer(name)
+        idx = tuple(torch.from_numpy(lv.sample_index.astype(np.int64)).T)
+        np.testing.assert_array_equal(lv.sample_activation, rep.activation_output[idx].numpy())
+        eidx = tuple(torch.from_numpy(lv.element_index.reshape(-1, 4).astype(np.int64)).T)
+        shape = lv.element_index.shape[:-1]
+        for mine, full in ((lv.element_input, rep.input), (lv.element_native, rep.output),
+                           (lv.element_activation, rep.activation_output)):
+            np.testing.assert_array_equal(mine, full[eidx].numpy().reshape(shape))
+        assert dash.sample_indices(rep.input.shape) is dash.sample_indices(rep.input.shape)
+        assert not lv.sample_index.flags.writeable
+    n, _, h, w = lite_report.layers[0].input.shape
+    assert dash.histogram_positions(n, h * w) is dash.histogram_positions(n, h * w)
+
+
 def test_formula_elements_match_explain(lite_report, lite_view):
     rep, lv = lite_report.layer("_blocks.2._bn0"), lite_view.layer("_blocks.2._bn0")
     for ch in (0, 5):
