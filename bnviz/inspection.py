@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import threading
@@ -39,6 +40,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -346,6 +348,10 @@ class _CopyInfo:
 
     pairs: list[tuple[weakref.ReferenceType, torch.nn.Module]]
     bns: dict[str, _BatchNorm]
+    #: the pairs whose original had buffers or is a BN layer when the copy was made: the
+    #: only ones a reset touches (:func:`_scan`'s fingerprint changes when buffers are
+    #: added or removed, which retires the copy)
+    stateful: list[tuple[weakref.ReferenceType, torch.nn.Module]] = field(default_factory=list)
     scratch: manual_bn.Scratch = field(default_factory=manual_bn.Scratch)
     consumers: dict[tuple, dict[str, tuple[str | None, bool | None]]] = field(
         default_factory=dict)
@@ -380,7 +386,10 @@ def _private_copy(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
                                                    private.named_modules(), strict=True):
             assert name == mine_name, (name, mine_name)
             pairs.append((weakref.ref(orig), mine))
-    object.__setattr__(private, "_bnviz_info", _CopyInfo(pairs=pairs, bns=bns))
+    stateful = [(ref, mine) for ref, mine in pairs
+                if isinstance(mine, _BatchNorm) or ref()._buffers]  # type: ignore[union-attr]
+    object.__setattr__(private, "_bnviz_info",
+                       _CopyInfo(pairs=pairs, bns=bns, stateful=stateful))
     return private
 
 
@@ -391,22 +400,26 @@ def _info(private: torch.nn.Module) -> _CopyInfo:
 def _scan(model: torch.nn.Module) -> tuple[tuple, list[str]]:
     """One walk over the module tree: a cheap fingerprint and the BN layer names.
 
-    The fingerprint covers structure and parameter storage/versions. A pooled copy is
-    reused only while it is unchanged: a replaced submodule, a re-assigned parameter,
-    ``model.to(...)`` or an in-place weight edit (``_version``; it matters for device
-    copies, which do not share storage) all force a fresh copy.
+    The fingerprint covers structure, parameter storage/versions and which buffers each
+    module has. A pooled copy is reused only while it is unchanged: a replaced submodule, a
+    re-assigned parameter, ``model.to(...)``, an in-place weight edit (``_version``; it
+    matters for device copies, which do not share storage) or a registered or removed
+    buffer all force a fresh copy. (Buffer *values* are copied on every reuse.)
     """
     modules = []
     params = []
+    buffers = []
     names = []
     for name, m in model.named_modules():
         modules.append(id(m))
         for p in m._parameters.values():
             if p is not None:
                 params.append((id(p), p.data_ptr(), p._version))
+        if m._buffers:
+            buffers.append((id(m), tuple(m._buffers)))
         if isinstance(m, _BatchNorm):
             names.append(name)
-    return (tuple(modules), tuple(params)), names
+    return (tuple(modules), tuple(params), tuple(buffers)), names
 
 
 class _CopyPool:
@@ -461,7 +474,7 @@ def _reset_copy(private: torch.nn.Module) -> None:
     dsts: list[torch.Tensor] = []
     srcs: list[torch.Tensor] = []
     with torch.no_grad():
-        for ref, m in _info(private).pairs:
+        for ref, m in _info(private).stateful:
             orig = ref()
             if orig is None:  # pragma: no cover - the pool is keyed weakly by the root
                 raise RuntimeError("the original model of a pooled copy is gone")
@@ -533,23 +546,21 @@ class _Session(TorchFunctionMode):
             name = self.names[id(module)]
             self.current = name
             if name in self.before:  # called again in this forward: buffers may have moved
-                snap = {
+                self.before[name] = {
                     "running_mean": _cpu_copy(module.running_mean),
                     "running_var": _cpu_copy(module.running_var),
                     "nbt": None if module.num_batches_tracked is None
                     else int(module.num_batches_tracked),
+                    **_layer_state(module),
                 }
-            else:  # taken for every layer, in one copy, just before the forward
-                snap = self.snapshot[name]
-            self.before[name] = {
-                **snap,
-                "stats_used": stats_used(module),
-                "updates": updates_running_stats(module),
-                "mode": describe_state(module),
-                "training": module.training,
-                "track": module.track_running_stats,
-                "momentum": module.momentum,
-            }
+                return
+            # Buffers and state were taken for every layer just before the forward; the
+            # state is re-read only if the model's own code changed the layer since.
+            before = self.snapshot[name]
+            if (module.training, module.track_running_stats, module.momentum) != (
+                    before["training"], before["track"], before["momentum"]):
+                before = {**before, **_layer_state(module)}
+            self.before[name] = before
 
     def hook(self, module: _BatchNorm, args, output):
         with torch._C.DisableTorchFunction():
@@ -900,14 +911,38 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
 
 
 def _snapshot(bns: dict[str, _BatchNorm]) -> dict[str, dict]:
-    """Every layer's running buffers and counter before the forward, in one copy."""
+    """Every layer's running buffers, counter and state before the forward, in one copy."""
     mods = list(bns.values())
     stats = _report_tensors([m.running_mean for m in mods] + [m.running_var for m in mods])
     nbt = _ints([m.num_batches_tracked for m in mods])
     k = len(mods)
     return {
-        name: {"running_mean": stats[i], "running_var": stats[k + i], "nbt": nbt[i]}
+        name: {"running_mean": stats[i], "running_var": stats[k + i], "nbt": nbt[i],
+               **_layer_state(mods[i])}
         for i, name in enumerate(bns)
+    }
+
+
+def _layer_state(module: _BatchNorm) -> dict[str, Any]:
+    """What the report records of a layer's settings as its forward starts."""
+    return _state_of(module.training, module.track_running_stats, module.momentum,
+                     module.running_mean is not None and module.running_var is not None)
+
+
+@functools.lru_cache(maxsize=64)
+def _state_of(training: bool, track: bool, momentum: float | None,
+              buffers: bool) -> dict[str, Any]:
+    """The state fields for one combination of flags (few per network: cached)."""
+    probe = SimpleNamespace(training=training, track_running_stats=track, momentum=momentum,
+                            running_mean=True if buffers else None,
+                            running_var=True if buffers else None)  # what modes reads
+    return {
+        "stats_used": stats_used(probe),
+        "updates": updates_running_stats(probe),
+        "mode": describe_state(probe),
+        "training": training,
+        "track": track,
+        "momentum": momentum,
     }
 
 

@@ -455,6 +455,50 @@ def test_pooled_copies_are_reset_between_calls():
     assert replaced.layers[1].momentum == 0.7
 
 
+class _Scaled(nn.Module):
+    """Multiplies by its ``gain`` buffer once one is registered (a buffer added later)."""
+
+    def forward(self, x):
+        gain = self._buffers.get("gain")
+        return x if gain is None else x * gain
+
+
+def test_a_buffer_registered_after_inspecting_is_used():
+    """Pooled copies are reset buffer by buffer; a buffer the caller registers later must
+    retire the copy (the fingerprint lists buffer names), not be silently missing."""
+    net = nn.Sequential(_Scaled(), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    before = bnviz.inspect(net, x, modes="train", keep_tensors=False)
+    net[0].register_buffer("gain", torch.tensor(3.0))
+    after = bnviz.inspect(net, x, modes="train", keep_tensors=False)
+    with torch.no_grad():
+        conv_out = net[1](x * 3.0)
+    torch.testing.assert_close(after.layers[0].batch_mean, conv_out.mean(dim=(0, 2, 3)))
+    assert not torch.allclose(after.layers[0].batch_mean, before.layers[0].batch_mean)
+
+
+class _SwitchesToEval(nn.Module):
+    """A forward that puts its BN layer in eval before calling it (model code wins)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        self.bn.eval()
+        return self.bn(self.conv(x))
+
+
+def test_a_layer_changed_by_the_forward_itself_is_reported_as_it_ran():
+    """The state recorded for a layer is the one its call actually ran with, even when the
+    model's forward changes it after inspect applied the requested modes."""
+    net = _SwitchesToEval()
+    report = bnviz.inspect(net, torch.randn(2, 3, 6, 6), modes="train", keep_tensors=True)
+    layer = report.layers[0]
+    assert layer.training is False and layer.stats_used == "running"
+    assert layer.mode.startswith("eval") and layer.max_abs_diff < 1e-5
+
+
 def test_out_of_memory_becomes_a_clear_error():
     class Hungry(nn.Module):
         def __init__(self):
