@@ -398,7 +398,7 @@ def view_export(view: dash.ViewData, cfg: dash.DashConfig) -> None:
     st.header("5. Export")
     stem = dash.export_file_stem(cfg)
     c1, c2 = st.columns(2)
-    c1.download_button("Per-layer table (CSV)", dash.layer_table_csv(view),
+    c1.download_button("Per-layer table (CSV)", view.table_csv,
                        file_name=f"{stem}.csv", mime="text/csv", key="dl_csv",
                        on_click="ignore")
     c2.download_button("Full report (JSON, the CLI's schema)", view.report_json,

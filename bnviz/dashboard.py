@@ -48,7 +48,7 @@ import torch
 from . import stimuli
 from .devices import DEVICE_CHOICES
 from .errors import BnvizError, ModeError, StimulusError
-from .inspection import InspectionReport, LayerReport
+from .inspection import InspectionReport, LayerReport, UsedStatistics
 from .models import DEFAULT_MODEL, list_models
 from .modes import TRACK_CHOICES, parse_mode
 
@@ -708,7 +708,7 @@ def literal_bn(x: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float,
 
 
 @dataclass(frozen=True)
-class LayerView:
+class LayerView(UsedStatistics):
     """What the dashboard shows of one BN layer: numbers from the report, no activations."""
 
     name: str
@@ -776,14 +776,6 @@ class LayerView:
     element_input: np.ndarray
     element_native: np.ndarray
     element_activation: np.ndarray | None
-
-    @property
-    def used_mean(self) -> np.ndarray:
-        return self.batch_mean if self.stats_used == "batch" else self.running_mean_before
-
-    @property
-    def used_var(self) -> np.ndarray:
-        return self.batch_var if self.stats_used == "batch" else self.running_var_before
 
     @property
     def spatial(self) -> tuple[int, int]:
@@ -1033,16 +1025,21 @@ def preprocessed_preview(loaded, x: torch.Tensor) -> InputPreview:
     return input_preview(loaded.preprocess(x.detach()))
 
 
+def prediction_rows(report: InspectionReport
+                    ) -> tuple[tuple[tuple[int, str, float], ...], ...] | None:
+    """The report's top-k per image as plain ``(index, label, probability)`` tuples."""
+    if report.predictions is None:
+        return None
+    return tuple(tuple((p.index, p.label, float(p.probability)) for p in row)
+                 for row in report.predictions)
+
+
 def build_view_data(report: InspectionReport, *, random_init: bool,
                     meta: Mapping[str, Any] | None = None) -> ViewData:
     """Condense a report made with ``keep_tensors=True`` into a :class:`ViewData`."""
     t0 = time.perf_counter()
     layers = tuple(layer_view(layer) for layer in report.layers)
     frame = report.to_frame()
-    preds = None
-    if report.predictions is not None:
-        preds = tuple(tuple((p.index, p.label, float(p.probability)) for p in row)
-                      for row in report.predictions)
     return ViewData(
         model=report.model, weights=report.weights, random_init=random_init,
         device=report.device, input_shape=tuple(report.input_shape),
@@ -1050,7 +1047,7 @@ def build_view_data(report: InspectionReport, *, random_init: bool,
         notes={k: v for k, v in report.notes.items() if isinstance(v, str | int | float | bool)
                or (isinstance(v, list) and all(isinstance(i, str) for i in v))},
         forward_ms=report.forward_ms, build_ms=(time.perf_counter() - t0) * 1000,
-        layers=layers, predictions=preds, overview=frame,
+        layers=layers, predictions=prediction_rows(report), overview=frame,
         table_csv=frame.to_csv(index=False),
         stats_report=strip_tensors(report),
         meta=dict(meta or {}),
@@ -1172,11 +1169,7 @@ def compute_eval_predictions(loaded, x: torch.Tensor, device: str) -> EvalPredic
 
     _count("eval")
     report = inspect(loaded, x, modes="eval", device=device, keep_tensors=False)
-    preds = None
-    if report.predictions is not None:
-        preds = tuple(tuple((p.index, p.label, float(p.probability)) for p in row)
-                      for row in report.predictions)
-    return EvalPredictions(preds, report.forward_ms)
+    return EvalPredictions(prediction_rows(report), report.forward_ms)
 
 
 # -- exports --------------------------------------------------------------------------------
@@ -1185,16 +1178,6 @@ def compute_eval_predictions(loaded, x: torch.Tensor, device: str) -> EvalPredic
 def export_file_stem(cfg: DashConfig) -> str:
     stim = _SAFE_NAME.sub("-", stimulus_spec(cfg.stimulus, cfg.param_dict))
     return f"bnviz_{cfg.model}_{cfg.mode}_{stim}".strip("-_")
-
-
-def layer_table_csv(view: ViewData) -> str:
-    """The per-layer table (``report.to_frame()``) as CSV."""
-    return view.table_csv
-
-
-def report_json(view: ViewData) -> str:
-    """The full report in the CLI's JSON schema (``report.to_json()``)."""
-    return view.report_json()
 
 
 # -- selection helpers ----------------------------------------------------------------------

@@ -82,8 +82,24 @@ class Prediction:
     probability: float
 
 
+class UsedStatistics:
+    """``used_mean`` / ``used_var``: the statistics a layer actually normalised with.
+
+    Shared by :class:`LayerReport` (torch tensors) and the dashboard's condensed
+    ``LayerView`` (numpy arrays), which carry the same field names.
+    """
+
+    @property
+    def used_mean(self):
+        return self.batch_mean if self.stats_used == "batch" else self.running_mean_before
+
+    @property
+    def used_var(self):
+        return self.batch_var if self.stats_used == "batch" else self.running_var_before
+
+
 @dataclass
-class LayerReport:
+class LayerReport(UsedStatistics):
     """Everything measured for one BatchNorm layer in one forward.
 
     Tensors live on the CPU. ``input``/``output``/``activation_output`` are ``None`` unless
@@ -134,14 +150,6 @@ class LayerReport:
     output_reference: torch.Tensor | None = None  # what a hook keeping a reference sees at the end
 
     # -- derived quantities -------------------------------------------------------------
-    @property
-    def used_mean(self) -> torch.Tensor:
-        return self.batch_mean if self.stats_used == "batch" else self.running_mean_before
-
-    @property
-    def used_var(self) -> torch.Tensor:
-        return self.batch_var if self.stats_used == "batch" else self.running_var_before
-
     def mean_shift(self) -> torch.Tensor | None:
         """(batch mean - running mean) / sqrt(running var + eps): shift in running-std units."""
         if self.running_mean_before is None:

@@ -285,8 +285,8 @@ def test_formula_elements_match_explain(lite_report, lite_view):
 
 
 def test_exports_equal_the_report(lite_report, lite_view):
-    assert json.loads(dash.report_json(lite_view)) == json.loads(lite_report.to_json())
-    assert dash.layer_table_csv(lite_view) == lite_report.to_frame().to_csv(index=False)
+    assert json.loads(lite_view.report_json()) == json.loads(lite_report.to_json())
+    assert lite_view.table_csv == lite_report.to_frame().to_csv(index=False)
 
 
 def test_inplace_relu_data(resnet_report, resnet_view):
