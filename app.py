@@ -30,7 +30,7 @@ from bnviz import dashboard as dash
 from bnviz import figures
 from bnviz.devices import DEVICE_CHOICES, resolve_device
 from bnviz.errors import BnvizError, WeightsUnavailableError
-from bnviz.models import list_models, weights_status
+from bnviz.models import fetch_weights, list_models, weights_status
 from bnviz.stimuli import COMPOSITIONS, MAX_BATCH_SIZE, MAX_SIZE, MIN_SIZE
 
 st.set_page_config(page_title="bnviz: BatchNorm microscope", page_icon=":microscope:",
@@ -174,7 +174,7 @@ def sidebar_model() -> tuple[bnviz.LoadedModel | None, str | None]:
             bar.progress(min(frac, 1.0), text=f"Downloading the {name} weights: "
                                               f"{done / 2**20:.1f} of {total / 2**20:.1f} MB")
         try:
-            bnviz.load_model(name, progress=progress)  # downloads into the torch hub cache
+            fetch_weights(name, progress=progress)  # into the torch hub cache; no model built
         except WeightsUnavailableError as exc:
             errors[name] = str(exc)
         bar.empty()

@@ -60,6 +60,7 @@ __all__ = [
     "Preprocessing",
     "count_bn_layers",
     "download_weights",
+    "fetch_weights",
     "from_module",
     "list_models",
     "load_model",
@@ -375,6 +376,26 @@ def download_weights(
                 os.remove(tmp)
             except OSError:
                 pass
+
+
+def fetch_weights(name: str, *, progress: ProgressCallback | None = None) -> str:
+    """Make sure the pretrained weights of torchvision model ``name`` are in the torch hub
+    cache, downloading them if needed (``progress(done, total)`` per chunk); returns the
+    file's path. Builds no model: the dashboard shows the download's progress with this
+    and then loads the model once, from the cache.
+
+    Raises :class:`~bnviz.errors.WeightsUnavailableError` (naming the file, the URL and
+    the cache folder) when the file is neither cached nor downloadable.
+    """
+    key = _resolve_name(name)
+    if key not in TORCHVISION_MODELS:
+        raise BnvizError(f"{key} ships its weights with bnviz: there is nothing to fetch.",
+                         f"fetch one of: {', '.join(TORCHVISION_MODELS)}.")
+    info = _weights_file(key)
+    if not os.path.isfile(info.path):
+        download_weights(info.url, info.path, hash_prefix=_hash_prefix(info.filename),
+                         progress=progress, model_name=key)
+    return info.path
 
 
 @cache
@@ -791,13 +812,7 @@ def _load_torchvision(
         if os.path.isfile(info.path):
             status, where = "cached", "torch hub cache"
         else:
-            download_weights(
-                info.url,
-                info.path,
-                hash_prefix=_hash_prefix(info.filename),
-                progress=progress,
-                model_name=name,
-            )
+            fetch_weights(name, progress=progress)
             status, where = "downloaded", "downloaded to torch hub cache"
         module = _build_torchvision(name, build_kwargs)
         label = f"The cached {name} weights file {info.path}"

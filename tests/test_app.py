@@ -12,6 +12,7 @@ import io
 import json
 import threading
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -461,6 +462,37 @@ def test_missing_weights_offer_random_init(monkeypatch, tmp_path):
     assert titles and all(F.RANDOM_INIT_LABEL in t for t in titles)
     assert any("random init (not pretrained)" in w.value for w in at.warning)
     assert at.query_params["weights"] == "random"
+
+
+def test_weights_download_shows_progress_and_builds_the_model_once(monkeypatch, tmp_path):
+    """Weights not cached yet: the sidebar downloads them (with a progress bar) without
+    building a network, then the shared loader builds it once, from the cache."""
+    import torchvision
+
+    import bnviz.models as models
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    source = tmp_path / "served.pth"
+    torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), source)
+    opened: list[str] = []
+    built: list[str] = []
+    build = models._build_torchvision
+
+    def serve(request, timeout):
+        opened.append(request.full_url)
+        return urllib.request.urlopen(source.as_uri())
+
+    monkeypatch.setattr(models, "_urlopen", serve)
+    monkeypatch.setattr(models, "_hash_prefix", lambda filename: None)
+    monkeypatch.setattr(models, "_build_torchvision",
+                        lambda name, kwargs: built.append(name) or build(name, kwargs))
+    at = run(new_app())
+    at.selectbox(key="model").set_value("mobilenet_v2")
+    run(at)
+    assert errors(at) == [] and charts(at)
+    assert len(opened) == 1 and built == ["mobilenet_v2"]
+    assert any("status: cached" in c.value for c in at.sidebar.caption)
+    assert (tmp_path / "hub" / "checkpoints").is_dir()
 
 
 def test_inplace_relu_view_for_resnet18():

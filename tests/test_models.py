@@ -29,6 +29,7 @@ from bnviz.models import (
     Preprocessing,
     count_bn_layers,
     download_weights,
+    fetch_weights,
     from_module,
     list_models,
     load_model,
@@ -313,6 +314,38 @@ def test_load_model_downloads_into_the_cache(offline_hub, resnet18_state, tmp_pa
     _assert_state_equal(loaded.module, resnet18_state)
     assert os.listdir(offline_hub) == ["resnet18-f37072fd.pth"]
     assert weights_status("resnet18") == "cached"
+
+
+def test_fetch_weights_downloads_once_and_builds_no_model(offline_hub, resnet18_state,
+                                                        tmp_path, monkeypatch):
+    """What the dashboard calls to show a download's progress: the file lands in the hub
+    cache, no network is built, a second call and the later load_model read the cache."""
+    source = tmp_path / "served.pth"
+    torch.save(resnet18_state, source)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    opened: list[str] = []
+    built: list[str] = []
+
+    def serve(request, timeout):
+        opened.append(request.full_url)
+        return urllib.request.urlopen(source.as_uri())
+
+    build = models._build_torchvision
+    monkeypatch.setattr(models, "_urlopen", serve)
+    monkeypatch.setattr(models, "_hash_prefix", lambda filename: digest[:8])
+    monkeypatch.setattr(models, "_build_torchvision",
+                        lambda name, kwargs: built.append(name) or build(name, kwargs))
+    calls: list[tuple[int, int]] = []
+    path = fetch_weights("resnet18", progress=lambda d, t: calls.append((d, t)))
+    assert path == str(offline_hub / "resnet18-f37072fd.pth") and os.path.isfile(path)
+    assert len(opened) == 1 and built == []
+    assert calls[-1] == (source.stat().st_size, source.stat().st_size)
+    assert fetch_weights("resnet18") == path and len(opened) == 1
+    loaded = load_model("resnet18")
+    assert loaded.weights_status == "cached" and built == ["resnet18"] and len(opened) == 1
+    _assert_state_equal(loaded.module, resnet18_state)
+    with pytest.raises(BnvizError, match="ships its weights"):
+        fetch_weights(DEFAULT_MODEL)
 
 
 # ------------------------------------------------------------------------------ random init
