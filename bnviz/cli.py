@@ -1,4 +1,5 @@
-"""``bnviz`` command line: ``models``, ``inspect``, ``pitfalls <name>``, ``train``.
+"""``bnviz`` command line: ``models``, ``inspect``, ``build-kernel``, ``pitfalls <name>``,
+``train``.
 
 User errors (unknown model or layer, bad mode, unreadable image, missing weights, no CUDA)
 print one line ``bnviz: error: <problem> Fix: <fix>`` on stderr and exit with status 2,
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", metavar="PATH", help="write the report as JSON ('-' for stdout)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("build-kernel",
+                       help="compile the fast manual-BN check (csrc/probe.cpp) for this torch")
+    p.add_argument("--verbose", action="store_true", help="print the compiler command")
+    p.set_defaults(func=cmd_build_kernel)
 
     import importlib
 
@@ -184,7 +190,24 @@ def cmd_inspect(args) -> int:
     print(format_table(frame[cols].to_dict("records")))
     worst = max(layer.max_rel_diff for layer in report.layers)
     print(f"manual vs native BN: max relative difference {worst:.2e} over "
-          f"{len(report.layers)} layers")
+          f"{len(report.layers)} layers ({report.manual_check} check)")
+    return 0
+
+
+def cmd_build_kernel(args) -> int:
+    from .probe_kernel import KernelBuildError, build, status
+
+    try:
+        path = build(verbose=args.verbose)
+    except KernelBuildError as exc:
+        raise BnvizError(f"The compiled probe was not built: {exc}",
+                         "install a C++ compiler (g++) and run 'bnviz build-kernel' again; "
+                         "until then inspect uses the eager check (same numbers, slower).") from exc
+    usable, why = status()
+    if not usable:
+        raise BnvizError(f"The compiled probe at {path} does not load: {why}.",
+                         "delete it and run 'bnviz build-kernel' again.")
+    print(f"bnviz: compiled probe ready: {path}")
     return 0
 
 

@@ -263,6 +263,9 @@ class InspectionReport:
     notes: dict[str, Any] = field(default_factory=dict)
     committed: bool = False
     forward_ms: float = 0.0
+    #: which code ran the manual-vs-native check: "compiled" (bnviz.probe_kernel), "eager",
+    #: or "compiled+eager" when some layers (CUDA, float64, non-contiguous) needed eager ops
+    manual_check: str = "eager"
 
     def layer(self, name: str) -> LayerReport:
         for layer in self.layers:
@@ -317,6 +320,7 @@ class InspectionReport:
             "input_shape": list(self.input_shape),
             "preprocessing": self.preprocessing,
             "committed": self.committed,
+            "manual_check": self.manual_check,
             "notes": {k: v for k, v in self.notes.items() if _jsonable(v)},
             "predictions": None
             if self.predictions is None
@@ -898,6 +902,7 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
     if missing:
         notes["layers_not_called"] = missing
     notes["other_modules"] = other_modules
+    backends = sorted({rec["probe"].backend for rec in session.records.values()})
 
     committed = False
     if commit:
@@ -915,6 +920,7 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
         notes=notes,
         committed=committed,
         forward_ms=forward_ms,
+        manual_check="+".join(backends) if backends else "eager",
     )
 
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import probe_kernel
+
 
 def as_ncl(x: torch.Tensor) -> torch.Tensor:
     """View (N, C, *spatial) as (N, C, L) so every reduction runs over a contiguous axis."""
@@ -184,6 +186,10 @@ class Probe:
     lo: torch.Tensor  # (C,) min of the same
     norm_mean: torch.Tensor  # (C,) mean the manual output subtracts (centre or running mean)
     bias: torch.Tensor | None  # (C,) beta (any float dtype), None without affine
+    # (C,) the value ``hi``/``lo`` were centred on, when not ``centre``: the compiled probe
+    # sums about one sample of each channel but takes differences about ``norm_mean``.
+    diff_centre: torch.Tensor | None = None
+    backend: str = "eager"  # or "compiled": which code measured it (bnviz.probe_kernel)
 
 
 def probe_layer(
@@ -213,7 +219,17 @@ def probe_layer(
 
     ``scale`` may pass ``weight / sqrt(running_var + eps)`` precomputed for eval mode
     (``inspect`` computes it for all layers in one go before the forward).
+
+    Where :mod:`bnviz.probe_kernel` is built and the layer is float32, contiguous and on the
+    CPU, the same quantities come from the compiled probe in one or two reads instead.
     """
+    if use_running and (running_mean is None or running_var is None):
+        raise ValueError("use_running=True needs running_mean and running_var")
+    if probe_kernel.applies(x, y) and probe_kernel.available():
+        compiled = _compiled_probe(x, y, weight, bias, eps, running_mean, running_var,
+                                   use_running, scale)
+        if compiled is not None:
+            return compiled
     x3 = as_ncl(x)
     y3 = as_ncl(y)
     n, c, length = x3.shape
@@ -232,8 +248,6 @@ def probe_layer(
     else:  # per-(n, c) norms over the contiguous axis, then over N: far faster than (0, 2)
         sq = torch.linalg.vector_norm(s, dim=2).square_().sum(dim=0)
     if use_running:
-        if running_mean is None or running_var is None:
-            raise ValueError("use_running=True needs running_mean and running_var")
         norm_mean = running_mean.to(work)
         if scale is None:
             scale = torch.rsqrt(running_var.to(work) + eps)
@@ -265,6 +279,33 @@ def probe_layer(
         norm_mean=norm_mean,
         bias=bias,
     )
+
+
+def _cpu_f32(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu"
+                         and t.is_contiguous())
+
+
+def _compiled_probe(x, y, weight, bias, eps, running_mean, running_var, use_running,
+                    scale) -> Probe | None:
+    """:func:`probe_layer` by ``csrc/probe.cpp``; ``None`` if a parameter does not fit it."""
+    if use_running:
+        if scale is None:
+            scale = torch.rsqrt(running_var.float() + eps)
+            if weight is not None:
+                scale = scale * weight.float()
+        if not (_cpu_f32(running_mean) and _cpu_f32(scale)):
+            return None
+    else:
+        running_mean = scale = None
+    if not _cpu_f32(weight):
+        return None
+    big, small = torch.ops.bnviz.probe(x, y, weight, float(eps), running_mean, scale)
+    total, sq, hi, lo = big
+    centre, used_scale, norm_mean = small
+    return Probe(count=x.numel() // x.shape[1], total=total, centre=centre, sq=sq,
+                 scale=used_scale, hi=hi, lo=lo, norm_mean=norm_mean, bias=bias,
+                 diff_centre=norm_mean, backend="compiled")
 
 
 def summarise(probes: list[Probe], device: torch.device | str | None = None) -> list[LayerCheck]:
@@ -316,12 +357,14 @@ def _summarise_group(probes: list[Probe], device) -> list[LayerCheck]:
         cat(getattr(p, field) for p in probes)
         for field in ("total", "centre", "sq", "scale", "hi", "lo", "norm_mean")
     )
+    diff_centre = (centre if all(p.diff_centre is None for p in probes)
+                   else cat(p.centre if p.diff_centre is None else p.diff_centre for p in probes))
     beta = cat(p.bias if p.bias is not None else zeros_like(p) for p in probes)
 
     mean = total / counts
     var = (sq / counts - (mean - centre) ** 2).clamp_min(0)
     unbiased = var * counts / (counts - 1)
-    shift = beta + (centre - norm_mean) * scale
+    shift = beta + (diff_centre - norm_mean) * scale
     channel_diff = torch.maximum(hi - shift, shift - lo)
     d = mean - norm_mean
     y_sq = (scale**2 * (var + d**2) + 2 * scale * beta * d + beta**2).clamp_min(0)

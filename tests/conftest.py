@@ -23,3 +23,28 @@ def lite():
 
 def pytest_report_header(config):
     return f"bnviz test devices: {', '.join(DEVICES)}"
+
+
+def compiled_probe_or_skip() -> None:
+    """Skip where the compiled probe is not built -- but never in CI, where `make test`
+    builds it: there a missing kernel is a failure, not a skip."""
+    import os
+
+    from bnviz import probe_kernel
+
+    usable, why = probe_kernel._load()
+    if not usable:
+        if os.environ.get("CI"):
+            pytest.fail(f"compiled probe unavailable in CI: {why}")
+        pytest.skip(f"compiled probe unavailable: {why}")
+
+
+@pytest.fixture(params=["compiled", "eager"])
+def probe_backend(request):
+    """Run a test once with the compiled probe (bnviz.probe_kernel) and once with eager ops."""
+    from bnviz import probe_kernel
+
+    if request.param == "compiled":
+        compiled_probe_or_skip()
+    with probe_kernel.forced(request.param == "compiled"):
+        yield request.param

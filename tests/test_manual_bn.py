@@ -101,7 +101,7 @@ def test_batch_stats_and_formula_match_native():
     assert (wrong - native).abs().max() > 1e-3
 
 
-def test_check_layer_is_stable_for_near_constant_channels():
+def test_check_layer_is_stable_for_near_constant_channels(probe_backend):
     """A uniform image gives conv outputs that are almost constant: large mean, tiny var.
 
     E[x^2] - E[x]^2 in float32 would cancel catastrophically; the two-pass scheme must
@@ -118,7 +118,7 @@ def test_check_layer_is_stable_for_near_constant_channels():
     assert check.max_abs_diff < 1e-3
 
 
-def test_check_layer_detects_a_wrong_output():
+def test_check_layer_detects_a_wrong_output(probe_backend):
     torch.manual_seed(3)
     x = torch.randn(2, 3, 4, 4)
     y = nn.functional.batch_norm(x, None, None, None, None, True, 0.0, 1e-5)
@@ -162,7 +162,7 @@ def test_explain_element_text():
     assert e["equation"].startswith("y = (2 - 1) / sqrt(3 + 1) * 0.5 + 0.25")
 
 
-def test_summarise_keeps_layers_apart_and_reports_non_finite_outputs():
+def test_summarise_keeps_layers_apart_and_reports_non_finite_outputs(probe_backend):
     """Many probes summarised together give each layer its own numbers; a NaN or inf in the
     native output is reported as such, never as a small difference."""
     torch.manual_seed(3)

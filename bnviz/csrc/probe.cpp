@@ -1,0 +1,267 @@
+// bnviz::probe -- the manual-vs-native BatchNorm check of one layer in one or two reads.
+//
+// Why this exists: on a CPU the networks are memory-bound, so every full pass over an
+// activation costs about as much as BatchNorm itself. Eager PyTorch needs six passes for the
+// check (a sum, a centring write, a norm, a fused difference write, a max and a min). This
+// kernel reads the input x and the native output y of a float32, contiguous (N, C, L) layer:
+//
+//   eval (the scale weight / sqrt(running_var + eps) and running_mean given):
+//       one pass per row x[n, c, :] and y[n, c, :]: the sums for the batch statistics and the
+//       difference y - (x - running_mean) * scale, together;
+//   train: per channel, the sums over its rows, then (the channel now in cache) the
+//       difference y - (x - batch_mean) * scale with the scale from this batch's variance.
+//
+// The work runs in PyTorch's own thread pool (at::parallel_for over channels), so it does not
+// compete with a second threading runtime. The formula is bnviz/manual_bn.py's: nothing here
+// calls BatchNorm code. The Python side (bnviz/probe_kernel.py) builds this file with the
+// system compiler and turns the two result blocks into a manual_bn.Probe.
+//
+// Numerics: sums are taken about the mean of the channel's first row (close to the channel
+// mean, so s2/count - (s1/count)^2 does not cancel), in float lanes flushed into double
+// every BLOCK values; the difference is computed in float32, as the eager path does. A NaN
+// anywhere in a channel's difference makes both of its extremes NaN (never a small number).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// One build runs everywhere: an AVX2+FMA copy of each loop and a baseline copy, picked at
+// load time by the CPU.
+#define BNVIZ_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define BNVIZ_CLONES
+#endif
+
+namespace {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline v8f splat(float a) { return v8f{a, a, a, a, a, a, a, a}; }
+
+constexpr int64_t BLOCK = 1024;  // values summed in float lanes before flushing into double
+
+struct Sums { double s1; double s2; };
+struct Extremes { float hi; float lo; int bad; };
+
+// Sum of one row.
+BNVIZ_CLONES
+double row_sum(const float* __restrict x, int64_t len) {
+  double s = 0.0;
+  int64_t i = 0;
+  while (i + 16 <= len) {
+    v8f a = splat(0.f), b = splat(0.f);
+    const int64_t stop = std::min<int64_t>(len, i + BLOCK);
+    for (; i + 16 <= stop; i += 16) {
+      a += load8(x + i);
+      b += load8(x + i + 8);
+    }
+    for (int j = 0; j < 8; ++j) s += double(a[j]) + double(b[j]);
+  }
+  for (; i < len; ++i) s += x[i];
+  return s;
+}
+
+// Sum and sum of squares of (x - c0) over one row.
+BNVIZ_CLONES
+Sums row_sums(const float* __restrict x, int64_t len, float c0) {
+  Sums r{0.0, 0.0};
+  const v8f c = splat(c0);
+  int64_t i = 0;
+  while (i + 16 <= len) {
+    v8f a1 = splat(0.f), b1 = splat(0.f), a2 = splat(0.f), b2 = splat(0.f);
+    const int64_t stop = std::min<int64_t>(len, i + BLOCK);
+    for (; i + 16 <= stop; i += 16) {
+      v8f d = load8(x + i) - c, e = load8(x + i + 8) - c;
+      a1 += d; b1 += e;
+      a2 += d * d; b2 += e * e;
+    }
+    for (int j = 0; j < 8; ++j) {
+      r.s1 += double(a1[j]) + double(b1[j]);
+      r.s2 += double(a2[j]) + double(b2[j]);
+    }
+  }
+  for (; i < len; ++i) {
+    const double d = double(x[i]) - double(c0);
+    r.s1 += d;
+    r.s2 += d * d;
+  }
+  return r;
+}
+
+inline void merge(Extremes& r, v8f hi0, v8f hi1, v8f lo0, v8f lo1, v8i bad) {
+  for (int j = 0; j < 8; ++j) {
+    r.hi = std::max(r.hi, std::max(hi0[j], hi1[j]));
+    r.lo = std::min(r.lo, std::min(lo0[j], lo1[j]));
+    r.bad |= bad[j];
+  }
+}
+
+inline void scalar_extreme(Extremes& r, float d) {
+  r.hi = d > r.hi ? d : r.hi;
+  r.lo = d < r.lo ? d : r.lo;
+  r.bad |= (d != d);
+}
+
+// Extremes of y - (x - m) * s over one row.
+BNVIZ_CLONES
+Extremes row_diff(const float* __restrict x, const float* __restrict y, int64_t len, float m,
+                  float s) {
+  const v8f mv = splat(m), sv = splat(s);
+  v8f hi0 = splat(-HUGE_VALF), hi1 = hi0, lo0 = splat(HUGE_VALF), lo1 = lo0;
+  v8i bad = v8i{0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    v8f d = load8(y + i) - (load8(x + i) - mv) * sv;
+    v8f e = load8(y + i + 8) - (load8(x + i + 8) - mv) * sv;
+    hi0 = d > hi0 ? d : hi0; lo0 = d < lo0 ? d : lo0;
+    hi1 = e > hi1 ? e : hi1; lo1 = e < lo1 ? e : lo1;
+    bad |= (d != d) | (e != e);
+  }
+  Extremes r{-HUGE_VALF, HUGE_VALF, 0};
+  merge(r, hi0, hi1, lo0, lo1, bad);
+  for (; i < len; ++i) scalar_extreme(r, y[i] - (x[i] - m) * s);
+  return r;
+}
+
+// Eval mode: sums of (x - c0) and extremes of y - (x - m) * s in the same read.
+BNVIZ_CLONES
+void row_fused(const float* __restrict x, const float* __restrict y, int64_t len, float c0,
+               float m, float s, Sums& sums, Extremes& ext) {
+  const v8f c = splat(c0), mv = splat(m), sv = splat(s);
+  v8f hi0 = splat(-HUGE_VALF), hi1 = hi0, lo0 = splat(HUGE_VALF), lo1 = lo0;
+  v8i bad = v8i{0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  while (i + 16 <= len) {
+    v8f a1 = splat(0.f), b1 = splat(0.f), a2 = splat(0.f), b2 = splat(0.f);
+    const int64_t stop = std::min<int64_t>(len, i + BLOCK);
+    for (; i + 16 <= stop; i += 16) {
+      const v8f xa = load8(x + i), xb = load8(x + i + 8);
+      const v8f d = xa - c, e = xb - c;
+      a1 += d; b1 += e;
+      a2 += d * d; b2 += e * e;
+      const v8f f = load8(y + i) - (xa - mv) * sv, g = load8(y + i + 8) - (xb - mv) * sv;
+      hi0 = f > hi0 ? f : hi0; lo0 = f < lo0 ? f : lo0;
+      hi1 = g > hi1 ? g : hi1; lo1 = g < lo1 ? g : lo1;
+      bad |= (f != f) | (g != g);
+    }
+    for (int j = 0; j < 8; ++j) {
+      sums.s1 += double(a1[j]) + double(b1[j]);
+      sums.s2 += double(a2[j]) + double(b2[j]);
+    }
+  }
+  merge(ext, hi0, hi1, lo0, lo1, bad);
+  for (; i < len; ++i) {
+    const double d = double(x[i]) - double(c0);
+    sums.s1 += d;
+    sums.s2 += d * d;
+    scalar_extreme(ext, y[i] - (x[i] - m) * s);
+  }
+}
+
+const float* optional_data(const c10::optional<at::Tensor>& t, int64_t c, const char* what) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == c &&
+                  t->device().is_cpu(),
+              "bnviz::probe: ", what, " must be a contiguous float32 CPU vector of ", c,
+              " values");
+  return t->data_ptr<float>();
+}
+
+// Returns (f64 (4, C): total, sum of squares about centre, max and min of the difference;
+//          f32 (3, C): centre, scale, the mean the manual output subtracts).
+std::tuple<at::Tensor, at::Tensor> probe(const at::Tensor& x, const at::Tensor& y,
+                                         const c10::optional<at::Tensor>& weight, double eps,
+                                         const c10::optional<at::Tensor>& running_mean,
+                                         const c10::optional<at::Tensor>& scale) {
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "bnviz::probe: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat,
+              "bnviz::probe: float32 only");
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), "bnviz::probe: contiguous tensors only");
+  TORCH_CHECK(x.dim() >= 2 && x.sizes() == y.sizes(), "bnviz::probe: x and y must share an ",
+              "(N, C, ...) shape");
+  const int64_t n = x.size(0), c = x.size(1);
+  TORCH_CHECK(n > 0 && x.numel() > 0, "bnviz::probe: empty input");
+  const int64_t len = x.numel() / (n * c);
+  const int64_t count = n * len;
+  const float* wp = optional_data(weight, c, "weight");
+  const float* mp = optional_data(running_mean, c, "running_mean");
+  const float* sp = optional_data(scale, c, "scale");
+  TORCH_CHECK((mp == nullptr) == (sp == nullptr),
+              "bnviz::probe: running_mean and scale come together (eval mode) or not at all");
+  const bool eval = mp != nullptr;
+
+  at::Tensor f64 = at::empty({4, c}, x.options().dtype(at::kDouble));
+  at::Tensor f32 = at::empty({3, c}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  double* o64 = f64.data_ptr<double>();
+  float* o32 = f32.data_ptr<float>();
+
+  // At least ~32k values per task, so small layers are not split into tiny pieces.
+  const int64_t grain = std::max<int64_t>(1, 32768 / count);
+  at::parallel_for(0, c, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      const float c0 = static_cast<float>(row_sum(xp + ch * len, len) / double(len));
+      Sums sums{0.0, 0.0};
+      Extremes ext{-HUGE_VALF, HUGE_VALF, 0};
+      float sc, m;
+      if (eval) {
+        sc = sp[ch];
+        m = mp[ch];
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t off = (i * c + ch) * len;
+          row_fused(xp + off, yp + off, len, c0, m, sc, sums, ext);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          const Sums r = row_sums(xp + (i * c + ch) * len, len, c0);
+          sums.s1 += r.s1;
+          sums.s2 += r.s2;
+        }
+        const double d = sums.s1 / double(count);
+        const double var = std::max(0.0, sums.s2 / double(count) - d * d);
+        sc = static_cast<float>(1.0 / std::sqrt(var + eps) * (wp ? double(wp[ch]) : 1.0));
+        m = static_cast<float>(double(c0) + d);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t off = (i * c + ch) * len;
+          const Extremes r = row_diff(xp + off, yp + off, len, m, sc);
+          ext.hi = std::max(ext.hi, r.hi);
+          ext.lo = std::min(ext.lo, r.lo);
+          ext.bad |= r.bad;
+        }
+      }
+      if (ext.bad) ext.hi = ext.lo = NAN;
+      o64[ch] = double(c0) * double(count) + sums.s1;
+      o64[c + ch] = sums.s2;
+      o64[2 * c + ch] = ext.hi;
+      o64[3 * c + ch] = ext.lo;
+      o32[ch] = c0;
+      o32[c + ch] = sc;
+      o32[2 * c + ch] = m;
+    }
+  });
+  return {f64, f32};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bnviz, m) {
+  m.def("probe(Tensor x, Tensor y, Tensor? weight, float eps, Tensor? running_mean, "
+        "Tensor? scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bnviz, CPU, m) { m.impl("probe", probe); }

@@ -1,0 +1,162 @@
+"""The compiled probe: the manual-vs-native check of one BN layer in one or two reads.
+
+:func:`bnviz.manual_bn.probe_layer` needs six memory passes over an activation in eager
+PyTorch; on a CPU, where these networks are memory-bound, that is what made ``inspect`` cost
+1.4-1.8x a plain forward of efficientnet_lite0 (BENCHMARKS.md). ``csrc/probe.cpp`` does the
+same arithmetic -- the formula of :mod:`bnviz.manual_bn`, no BatchNorm code -- reading the
+input and the native output once each (eval) or the input twice (train, the second time from
+cache), inside PyTorch's own thread pool.
+
+It is built ahead of time, never in the middle of an inspection::
+
+    bnviz build-kernel        # `make run` and `make test` do it for you
+
+which compiles the file with the system C++ compiler (~15 s, once per torch version) into
+``~/.cache/bnviz/kernels`` (``$BNVIZ_CACHE_DIR`` overrides). Each process decides once, at
+its first inspection, whether the library is there: two inspections in one process always
+use the same code, so their numbers are identical to the last bit. Without a compiler, on
+CUDA, for dtypes other than float32 or non-contiguous tensors, the eager path runs instead:
+same quantities, more passes. ``BNVIZ_PROBE_KERNEL=0`` turns the compiled path off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "probe.cpp"
+CXX_FLAGS = ("-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-Wno-psabi")
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ compiler could not build ``csrc/probe.cpp``; the message says why."""
+
+
+def cache_dir() -> Path:
+    """Where built kernels live: ``$BNVIZ_CACHE_DIR`` or ``~/.cache/bnviz/kernels``."""
+    root = os.environ.get("BNVIZ_CACHE_DIR")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "bnviz" / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def library_path() -> Path:
+    """The library for this source, this torch and these flags (any change gets a new file)."""
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join(CXX_FLAGS).encode())
+    key.update(torch.__version__.encode())
+    key.update(str(torch._C._GLIBCXX_USE_CXX11_ABI).encode())
+    return cache_dir() / f"bnviz_probe-{key.hexdigest()[:16]}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the probe if this version is not built yet; return the library's path.
+
+    Written to a temporary name and renamed, so a concurrent build or a crash never leaves
+    a half-written library where a process would load it.
+    """
+    target = library_path()
+    if target.exists():
+        return target
+    cxx = _compiler()
+    if cxx is None:
+        raise KernelBuildError("no C++ compiler found (install g++ or set CXX); "
+                               "bnviz keeps using the eager check")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch_dir = os.path.dirname(torch.__file__)
+    includes = [f"-I{os.path.join(torch_dir, 'include')}"]
+    lib_dir = os.path.join(torch_dir, "lib")
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so.tmp", delete=False) as tmp:
+        partial = Path(tmp.name)
+    cmd = [cxx, *CXX_FLAGS, abi, *includes, str(SOURCE), "-o", str(partial),
+           f"-L{lib_dir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib_dir}"]
+    if verbose:
+        print(" ".join(cmd), file=sys.stderr)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            log = target.with_suffix(".log")
+            log.write_text(" ".join(cmd) + "\n\n" + done.stdout + done.stderr)
+            raise KernelBuildError(f"{cxx} failed to compile {SOURCE.name} "
+                                   f"(exit {done.returncode}; compiler output in {log})")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def status() -> tuple[bool, str]:
+    """(usable, why): whether this process uses the compiled probe, decided on first call."""
+    if "usable" not in _state:
+        with _lock:
+            if "usable" not in _state:
+                _state["usable"], _state["why"] = _load()
+    return bool(_state["usable"]), str(_state["why"])
+
+
+def available() -> bool:
+    """True when this process checks float32 CPU layers with the compiled probe."""
+    return status()[0]
+
+
+def _load() -> tuple[bool, str]:
+    if os.environ.get("BNVIZ_PROBE_KERNEL", "1").strip().lower() in {"0", "off", "false", "no"}:
+        return False, "turned off by BNVIZ_PROBE_KERNEL"
+    path = library_path()
+    if not path.exists():
+        return False, "not built (run `bnviz build-kernel`; `make` does it)"
+    try:
+        if not hasattr(torch.ops.bnviz, "probe"):
+            torch.ops.load_library(str(path))
+        torch.ops.bnviz.probe  # noqa: B018 -- raises if the library did not register it
+    except (OSError, RuntimeError, AttributeError) as exc:
+        return False, f"could not load {path.name}: {exc}"
+    return True, f"compiled ({path})"
+
+
+@contextlib.contextmanager
+def forced(enabled: bool):
+    """Use (or not) the compiled probe inside the block -- for tests that compare both.
+
+    Process-wide: never use it around concurrent inspections that expect one backend.
+    """
+    saved = dict(_state)
+    if enabled:
+        usable, why = _load()
+        if not usable:
+            raise RuntimeError(f"compiled probe unavailable: {why}")
+        _state.update(usable=True, why=why)
+    else:
+        _state.update(usable=False, why="turned off for this block")
+    try:
+        yield
+    finally:
+        _state.clear()
+        _state.update(saved)
+
+
+def applies(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the compiled probe can take this layer (else the eager path runs)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and y.dtype == torch.float32
+            and x.dim() >= 2 and x.shape == y.shape and x.numel() > 0
+            and x.is_contiguous() and y.is_contiguous())
