@@ -75,40 +75,36 @@ double row_sum(const float* __restrict x, int64_t len) {
   return s;
 }
 
-// Sum and sum of squares of (x - c0) over one row.
-BNVIZ_CLONES
-Sums row_sums(const float* __restrict x, int64_t len, float c0) {
-  Sums r{0.0, 0.0};
-  const v8f c = splat(c0);
-  int64_t i = 0;
-  while (i + 16 <= len) {
-    v8f a1 = splat(0.f), b1 = splat(0.f), a2 = splat(0.f), b2 = splat(0.f);
-    const int64_t stop = std::min<int64_t>(len, i + BLOCK);
-    for (; i + 16 <= stop; i += 16) {
-      v8f d = load8(x + i) - c, e = load8(x + i + 8) - c;
-      a1 += d; b1 += e;
-      a2 += d * d; b2 += e * e;
-    }
+// The channel functions below walk the N rows of one channel (row r at x + r * stride),
+// keeping their vector accumulators across rows: the 7x7 layers have rows of 49 values, where
+// a reduction per row would cost more than the row itself. Float partial sums are flushed
+// into double after at most 2 * BLOCK values.
+
+struct Lanes {  // float partial sums of (x - c0) and (x - c0)^2, two registers each
+  v8f a1 = splat(0.f), b1 = splat(0.f), a2 = splat(0.f), b2 = splat(0.f);
+  int64_t pending = 0;
+  void flush(Sums& r) {
     for (int j = 0; j < 8; ++j) {
       r.s1 += double(a1[j]) + double(b1[j]);
       r.s2 += double(a2[j]) + double(b2[j]);
     }
+    a1 = b1 = a2 = b2 = splat(0.f);
+    pending = 0;
   }
-  for (; i < len; ++i) {
-    const double d = double(x[i]) - double(c0);
-    r.s1 += d;
-    r.s2 += d * d;
-  }
-  return r;
-}
+};
 
-inline void merge(Extremes& r, v8f hi0, v8f hi1, v8f lo0, v8f lo1, v8i bad) {
-  for (int j = 0; j < 8; ++j) {
-    r.hi = std::max(r.hi, std::max(hi0[j], hi1[j]));
-    r.lo = std::min(r.lo, std::min(lo0[j], lo1[j]));
-    r.bad |= bad[j];
+struct Peaks {  // running extremes of the difference, two registers each
+  v8f hi0 = splat(-HUGE_VALF), hi1 = splat(-HUGE_VALF);
+  v8f lo0 = splat(HUGE_VALF), lo1 = splat(HUGE_VALF);
+  v8i bad = v8i{0, 0, 0, 0, 0, 0, 0, 0};
+  void merge(Extremes& r) const {
+    for (int j = 0; j < 8; ++j) {
+      r.hi = std::max(r.hi, std::max(hi0[j], hi1[j]));
+      r.lo = std::min(r.lo, std::min(lo0[j], lo1[j]));
+      r.bad |= bad[j];
+    }
   }
-}
+};
 
 inline void scalar_extreme(Extremes& r, float d) {
   r.hi = d > r.hi ? d : r.hi;
@@ -116,60 +112,98 @@ inline void scalar_extreme(Extremes& r, float d) {
   r.bad |= (d != d);
 }
 
-// Extremes of y - (x - m) * s over one row.
+// Sum and sum of squares of (x - c0) over a channel.
 BNVIZ_CLONES
-Extremes row_diff(const float* __restrict x, const float* __restrict y, int64_t len, float m,
-                  float s) {
-  const v8f mv = splat(m), sv = splat(s);
-  v8f hi0 = splat(-HUGE_VALF), hi1 = hi0, lo0 = splat(HUGE_VALF), lo1 = lo0;
-  v8i bad = v8i{0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    v8f d = load8(y + i) - (load8(x + i) - mv) * sv;
-    v8f e = load8(y + i + 8) - (load8(x + i + 8) - mv) * sv;
-    hi0 = d > hi0 ? d : hi0; lo0 = d < lo0 ? d : lo0;
-    hi1 = e > hi1 ? e : hi1; lo1 = e < lo1 ? e : lo1;
-    bad |= (d != d) | (e != e);
+Sums channel_sums(const float* __restrict x, int64_t rows, int64_t stride, int64_t len,
+                  float c0) {
+  Sums r{0.0, 0.0};
+  Lanes L;
+  const v8f c = splat(c0);
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* xr = x + row * stride;
+    int64_t i = 0;
+    while (i + 16 <= len) {
+      const int64_t stop = std::min<int64_t>(len, i + BLOCK);
+      const int64_t start = i;
+      for (; i + 16 <= stop; i += 16) {
+        const v8f d = load8(xr + i) - c, e = load8(xr + i + 8) - c;
+        L.a1 += d; L.b1 += e;
+        L.a2 += d * d; L.b2 += e * e;
+      }
+      L.pending += i - start;
+      if (L.pending >= BLOCK) L.flush(r);
+    }
+    for (; i < len; ++i) {
+      const double d = double(xr[i]) - double(c0);
+      r.s1 += d;
+      r.s2 += d * d;
+    }
   }
+  L.flush(r);
+  return r;
+}
+
+// Extremes of y - (x - m) * s over a channel.
+BNVIZ_CLONES
+Extremes channel_diff(const float* __restrict x, const float* __restrict y, int64_t rows,
+                      int64_t stride, int64_t len, float m, float s) {
+  const v8f mv = splat(m), sv = splat(s);
+  Peaks P;
   Extremes r{-HUGE_VALF, HUGE_VALF, 0};
-  merge(r, hi0, hi1, lo0, lo1, bad);
-  for (; i < len; ++i) scalar_extreme(r, y[i] - (x[i] - m) * s);
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* xr = x + row * stride;
+    const float* yr = y + row * stride;
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+      const v8f d = load8(yr + i) - (load8(xr + i) - mv) * sv;
+      const v8f e = load8(yr + i + 8) - (load8(xr + i + 8) - mv) * sv;
+      P.hi0 = d > P.hi0 ? d : P.hi0; P.lo0 = d < P.lo0 ? d : P.lo0;
+      P.hi1 = e > P.hi1 ? e : P.hi1; P.lo1 = e < P.lo1 ? e : P.lo1;
+      P.bad |= (d != d) | (e != e);
+    }
+    for (; i < len; ++i) scalar_extreme(r, yr[i] - (xr[i] - m) * s);
+  }
+  P.merge(r);
   return r;
 }
 
 // Eval mode: sums of (x - c0) and extremes of y - (x - m) * s in the same read.
 BNVIZ_CLONES
-void row_fused(const float* __restrict x, const float* __restrict y, int64_t len, float c0,
-               float m, float s, Sums& sums, Extremes& ext) {
+void channel_fused(const float* __restrict x, const float* __restrict y, int64_t rows,
+                   int64_t stride, int64_t len, float c0, float m, float s, Sums& sums,
+                   Extremes& ext) {
   const v8f c = splat(c0), mv = splat(m), sv = splat(s);
-  v8f hi0 = splat(-HUGE_VALF), hi1 = hi0, lo0 = splat(HUGE_VALF), lo1 = lo0;
-  v8i bad = v8i{0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  while (i + 16 <= len) {
-    v8f a1 = splat(0.f), b1 = splat(0.f), a2 = splat(0.f), b2 = splat(0.f);
-    const int64_t stop = std::min<int64_t>(len, i + BLOCK);
-    for (; i + 16 <= stop; i += 16) {
-      const v8f xa = load8(x + i), xb = load8(x + i + 8);
-      const v8f d = xa - c, e = xb - c;
-      a1 += d; b1 += e;
-      a2 += d * d; b2 += e * e;
-      const v8f f = load8(y + i) - (xa - mv) * sv, g = load8(y + i + 8) - (xb - mv) * sv;
-      hi0 = f > hi0 ? f : hi0; lo0 = f < lo0 ? f : lo0;
-      hi1 = g > hi1 ? g : hi1; lo1 = g < lo1 ? g : lo1;
-      bad |= (f != f) | (g != g);
+  Lanes L;
+  Peaks P;
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* xr = x + row * stride;
+    const float* yr = y + row * stride;
+    int64_t i = 0;
+    while (i + 16 <= len) {
+      const int64_t stop = std::min<int64_t>(len, i + BLOCK);
+      const int64_t start = i;
+      for (; i + 16 <= stop; i += 16) {
+        const v8f xa = load8(xr + i), xb = load8(xr + i + 8);
+        const v8f d = xa - c, e = xb - c;
+        L.a1 += d; L.b1 += e;
+        L.a2 += d * d; L.b2 += e * e;
+        const v8f f = load8(yr + i) - (xa - mv) * sv, g = load8(yr + i + 8) - (xb - mv) * sv;
+        P.hi0 = f > P.hi0 ? f : P.hi0; P.lo0 = f < P.lo0 ? f : P.lo0;
+        P.hi1 = g > P.hi1 ? g : P.hi1; P.lo1 = g < P.lo1 ? g : P.lo1;
+        P.bad |= (f != f) | (g != g);
+      }
+      L.pending += i - start;
+      if (L.pending >= BLOCK) L.flush(sums);
     }
-    for (int j = 0; j < 8; ++j) {
-      sums.s1 += double(a1[j]) + double(b1[j]);
-      sums.s2 += double(a2[j]) + double(b2[j]);
+    for (; i < len; ++i) {
+      const double d = double(xr[i]) - double(c0);
+      sums.s1 += d;
+      sums.s2 += d * d;
+      scalar_extreme(ext, yr[i] - (xr[i] - m) * s);
     }
   }
-  merge(ext, hi0, hi1, lo0, lo1, bad);
-  for (; i < len; ++i) {
-    const double d = double(x[i]) - double(c0);
-    sums.s1 += d;
-    sums.s2 += d * d;
-    scalar_extreme(ext, y[i] - (x[i] - m) * s);
-  }
+  L.flush(sums);
+  P.merge(ext);
 }
 
 const float* optional_data(const c10::optional<at::Tensor>& t, int64_t c, const char* what) {
@@ -219,30 +253,19 @@ std::tuple<at::Tensor, at::Tensor> probe(const at::Tensor& x, const at::Tensor& 
       Sums sums{0.0, 0.0};
       Extremes ext{-HUGE_VALF, HUGE_VALF, 0};
       float sc, m;
+      const float* xc = xp + ch * len;
+      const float* yc = yp + ch * len;
       if (eval) {
         sc = sp[ch];
         m = mp[ch];
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t off = (i * c + ch) * len;
-          row_fused(xp + off, yp + off, len, c0, m, sc, sums, ext);
-        }
+        channel_fused(xc, yc, n, c * len, len, c0, m, sc, sums, ext);
       } else {
-        for (int64_t i = 0; i < n; ++i) {
-          const Sums r = row_sums(xp + (i * c + ch) * len, len, c0);
-          sums.s1 += r.s1;
-          sums.s2 += r.s2;
-        }
+        sums = channel_sums(xc, n, c * len, len, c0);
         const double d = sums.s1 / double(count);
         const double var = std::max(0.0, sums.s2 / double(count) - d * d);
         sc = static_cast<float>(1.0 / std::sqrt(var + eps) * (wp ? double(wp[ch]) : 1.0));
         m = static_cast<float>(double(c0) + d);
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t off = (i * c + ch) * len;
-          const Extremes r = row_diff(xp + off, yp + off, len, m, sc);
-          ext.hi = std::max(ext.hi, r.hi);
-          ext.lo = std::min(ext.lo, r.lo);
-          ext.bad |= r.bad;
-        }
+        ext = channel_diff(xc, yc, n, c * len, len, m, sc);
       }
       if (ext.bad) ext.hi = ext.lo = NAN;
       o64[ch] = double(c0) * double(count) + sums.s1;
