@@ -4,7 +4,8 @@ Prints a Markdown table (paste it into BENCHMARKS.md). Same process, same input,
 ``--repeats`` runs taken in turns after a warm-up; the baseline forward runs the BN layers in
 the same mode natively. Memory: the bytes of tensors each report holds (stats only:
 per-channel vectors; keep-all: every layer's input, output and activation output, shared
-storage counted once).
+storage counted once). The manual-vs-native check is the compiled probe when it is built
+(``bnviz build-kernel``), else eager torch ops; ``BNVIZ_PROBE_KERNEL=0`` forces eager.
 
     python benchmarks/bench_inspect.py [--repeats 7] [--models efficientnet_lite0 resnet18]
 """
@@ -121,6 +122,10 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}")
     tuning = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     print(f"allocator: {'glibc tuned ' + str(tuning) if tuning else 'default'}")
+    from bnviz import probe_kernel
+
+    usable, why = probe_kernel.status()
+    print(f"manual check on CPU: {'compiled' if usable else 'eager'} ({why})")
     if torch.cuda.is_available():
         print(f"gpu: {torch.cuda.get_device_name(0)}")
     print()

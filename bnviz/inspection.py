@@ -10,9 +10,10 @@ How it works, and why:
   buffers, training flags, hooks). ``commit=True`` copies the running-stat update back.
 * **One forward, hooks on the copy.** All running buffers are snapshotted ("before") in one
   copy just before the forward. A forward hook per layer measures what needs the
-  activation itself -- sums, a centred norm, one fused ``y - (x - mean) * scale`` write and
-  its per-channel extremes (:func:`bnviz.manual_bn.probe_layer`, a few memory passes over a
-  reused scratch buffer). Everything per-channel after that (statistics, the manual
+  activation itself -- per-channel sums and the extremes of ``y - (x - mean) * scale``
+  (:func:`bnviz.manual_bn.probe_layer`: one compiled call reading x and y once or twice,
+  :mod:`bnviz.probe_kernel`, or a few eager passes over a reused scratch buffer where that
+  does not apply). Everything per-channel after that (statistics, the manual
   running update, differences, copies for the report) is done for all layers at once
   after the forward (:func:`bnviz.manual_bn.summarise`): on small inputs the fixed cost
   of many tiny tensor ops per layer, not memory traffic, is what an inspection pays.
