@@ -125,7 +125,7 @@ def main() -> None:
     from bnviz import probe_kernel
 
     usable, why = probe_kernel.status()
-    print(f"manual check on CPU: {'compiled' if usable else 'eager'} ({why})")
+    print(f"manual check on CPU: {why if usable else 'eager (' + why + ')'}")
     if torch.cuda.is_available():
         print(f"gpu: {torch.cuda.get_device_name(0)}")
     print()

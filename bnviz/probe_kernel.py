@@ -77,19 +77,28 @@ def build(verbose: bool = False) -> Path:
     if cxx is None:
         raise KernelBuildError("no C++ compiler found (install g++ or set CXX); "
                                "bnviz keeps using the eager check")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so.tmp",
+                                         delete=False) as tmp:
+            partial = Path(tmp.name)
+    except OSError as exc:
+        raise KernelBuildError(f"cannot write to {target.parent} ({exc.strerror}); set "
+                               "BNVIZ_CACHE_DIR to a writable folder") from exc
     torch_dir = os.path.dirname(torch.__file__)
     includes = [f"-I{os.path.join(torch_dir, 'include')}"]
     lib_dir = os.path.join(torch_dir, "lib")
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so.tmp", delete=False) as tmp:
-        partial = Path(tmp.name)
     cmd = [cxx, *CXX_FLAGS, abi, *includes, str(SOURCE), "-o", str(partial),
            f"-L{lib_dir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib_dir}"]
     if verbose:
         print(" ".join(cmd), file=sys.stderr)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as exc:
+            raise KernelBuildError(f"cannot run the compiler {cxx!r} ({exc.strerror}); "
+                                   "install g++ or set CXX") from exc
         if done.returncode != 0:
             log = target.with_suffix(".log")
             log.write_text(" ".join(cmd) + "\n\n" + done.stdout + done.stderr)

@@ -161,3 +161,8 @@ def test_switch_off_and_build_failures_are_explained(monkeypatch, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("bnviz: error: The compiled probe was not built")
     assert "Fix:" in err[0]
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("BNVIZ_CACHE_DIR", str(blocked / "kernels"))
+    with pytest.raises(probe_kernel.KernelBuildError, match="BNVIZ_CACHE_DIR"):
+        probe_kernel.build()
