@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 
 import numpy as np
@@ -267,6 +268,33 @@ def test_sampled_points_and_elements_of_every_tensor(lite_report, lite_view):
         assert not lv.sample_index.flags.writeable
     n, _, h, w = lite_report.layers[0].input.shape
     assert dash.histogram_positions(n, h * w) is dash.histogram_positions(n, h * w)
+
+
+def test_condensing_on_the_pool_equals_condensing_serially(lite_report, lite_view,
+                                                           monkeypatch):
+    """Layers condensed in parallel (largest first) come back in network order, each
+    exactly as a serial condensing makes it."""
+    import dataclasses
+
+    assert dash.condense_workers() == (os.cpu_count() or 1)
+    monkeypatch.setenv("BNVIZ_CONDENSE_WORKERS", "1")
+    assert dash.condense_workers() == 1 and dash._condense_pool() is None
+    serial = dash.condense_layers(lite_report.layers)
+    monkeypatch.setenv("BNVIZ_CONDENSE_WORKERS", "3")
+    pooled = dash.condense_layers(lite_report.layers)
+    assert dash._condense_pool() is not None
+    assert [v.name for v in pooled] == lite_report.layer_names == [v.name for v in serial]
+    for a, b, c in zip(serial, pooled, lite_view.layers, strict=True):
+        for f in dataclasses.fields(a):
+            for other in (b, c):
+                x, y = getattr(a, f.name), getattr(other, f.name)
+                if isinstance(x, np.ndarray):
+                    np.testing.assert_array_equal(x, y, err_msg=f"{a.name}.{f.name}")
+                elif isinstance(x, tuple) and x and isinstance(x[0], np.ndarray):
+                    for xi, yi in zip(x, y, strict=True):
+                        np.testing.assert_array_equal(xi, yi, err_msg=f"{a.name}.{f.name}")
+                else:
+                    assert x == y, f"{a.name}.{f.name}"
 
 
 def test_formula_elements_match_explain(lite_report, lite_view):
