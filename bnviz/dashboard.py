@@ -31,6 +31,7 @@ import ctypes
 import functools
 import gc
 import hashlib
+import importlib
 import io
 import math
 import os
@@ -46,12 +47,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import stimuli
 from .devices import DEVICE_CHOICES
 from .errors import BnvizError, ModeError, StimulusError
 from .inspection import InspectionReport, LayerReport, UsedStatistics
 from .models import DEFAULT_MODEL, list_models
 from .modes import TRACK_CHOICES, parse_mode
+
+# The submodule itself, without importing the package first (see bnviz/manual_bn.py's
+# import of probe_kernel: ``from . import x`` can deadlock concurrent first imports).
+stimuli = importlib.import_module(f"{__package__}.stimuli")
 
 __all__ = [
     "DashConfig",

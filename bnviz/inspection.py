@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib
 import json
 import math
 import threading
@@ -48,7 +49,6 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from . import manual_bn
 from .devices import is_cuda_oom, resolve_device
 from .errors import BnvizError, DeviceError, LayerError
 from .modes import (
@@ -62,6 +62,10 @@ from .modes import (
     unknown_layer_error,
     updates_running_stats,
 )
+
+# The submodule itself, without importing the package first (see bnviz/manual_bn.py's
+# import of probe_kernel: ``from . import x`` can deadlock concurrent first imports).
+manual_bn = importlib.import_module(f"{__package__}.manual_bn")
 
 __all__ = ["inspect", "InspectionReport", "LayerReport", "Prediction"]
 

@@ -32,7 +32,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import probe_kernel
+# Names from the submodule, not ``from . import probe_kernel``: that form first imports the
+# package itself, and a thread that does so while another thread is still initialising
+# ``bnviz`` can deadlock Python's import locks (one of them then gets a half-initialised
+# module). Seen when two Streamlit pages opened at once in a fresh server.
+from .probe_kernel import applies as kernel_applies
+from .probe_kernel import available as kernel_available
 
 
 def as_ncl(x: torch.Tensor) -> torch.Tensor:
@@ -225,7 +230,7 @@ def probe_layer(
     """
     if use_running and (running_mean is None or running_var is None):
         raise ValueError("use_running=True needs running_mean and running_var")
-    if probe_kernel.applies(x, y) and probe_kernel.available():
+    if kernel_applies(x, y) and kernel_available():
         compiled = _compiled_probe(x, y, weight, bias, eps, running_mean, running_var,
                                    use_running, scale)
         if compiled is not None:

@@ -15,6 +15,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+# The whole package first: a page opened while another session is still importing bnviz
+# then waits for that import instead of racing into its submodules (tests/test_imports.py).
+import bnviz  # noqa: F401
 from bnviz.errors import BnvizError
 from bnviz.pitfalls import load_all
 

@@ -30,6 +30,9 @@ import streamlit as st
 import torch
 from plotly.subplots import make_subplots
 
+# The whole package first: a page opened while another session is still importing bnviz
+# then waits for that import instead of racing into its submodules (tests/test_imports.py).
+import bnviz  # noqa: F401
 from bnviz.devices import available_devices
 from bnviz.errors import BnvizError
 from bnviz.training import (
