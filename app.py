@@ -363,6 +363,7 @@ def view_channel(view: dash.ViewData, layer: dash.LayerView) -> int:
         with manual_tab:
             chart(figures.manual_vs_native_figure(layer, channel, label), key="chart_manual")
             explain("manual")
+            st.caption(dash.manual_check_note(view.stats_report.manual_check))
             which = dash.FORMULA_ELEMENTS.index(ss["element"])
             st.markdown(dash.formula_text(layer.element(channel, which)))
             explain("formula")

@@ -1082,6 +1082,16 @@ def _numel(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel()
 
 
+def manual_check_note(manual_check: str) -> str:
+    """Which code computed the right-hand chart's differences (``report.manual_check``)."""
+    return {
+        "compiled": "Differences computed by bnviz's compiled check (bnviz/csrc/probe.cpp: the "
+                    "same formula, reading each activation once or twice).",
+        "eager": "Differences computed with eager PyTorch ops (the compiled check is not built "
+                 "on this server: `bnviz build-kernel`).",
+    }.get(manual_check, f"Differences computed by: {manual_check} (per layer, whichever applies).")
+
+
 def build_view_data(report: InspectionReport, *, random_init: bool,
                     meta: Mapping[str, Any] | None = None) -> ViewData:
     """Condense a report made with ``keep_tensors=True`` into a :class:`ViewData`."""

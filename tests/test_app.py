@@ -182,13 +182,16 @@ def test_default_page_shows_every_view():
 
 def test_numbers_on_the_page_equal_an_independent_inspection():
     at = run(new_app(seed="11"))
-    ref = reference({"seed": "11"}, "train").layer("_bn0")
+    report = reference({"seed": "11"}, "train")
+    ref = report.layer("_bn0")
     stats = chart(at, "_bn0: batch vs running statistics")
     batch_mean = next(t for t in stats["data"] if t["name"] == "batch mean")
     np.testing.assert_array_equal(arr(batch_mean["y"]), ref.batch_mean.numpy())
     formula = texts(open_tab(at, 4))
     ex = ref.explain((0, 0, ref.input.shape[2] // 2, ref.input.shape[3] // 2))
     assert ex["equation"] in formula
+    # ...and the page says which code computed the differences (the reference's, same process)
+    assert dash.manual_check_note(report.manual_check) in formula
 
 
 # -- selection never recomputes; configuration changes do ---------------------------------------

@@ -297,6 +297,13 @@ def test_condensing_on_the_pool_equals_condensing_serially(lite_report, lite_vie
                     assert x == y, f"{a.name}.{f.name}"
 
 
+def test_manual_check_note_names_the_code(lite_view):
+    assert "compiled check" in dash.manual_check_note("compiled")
+    assert "bnviz build-kernel" in dash.manual_check_note("eager")
+    assert "compiled+eager" in dash.manual_check_note("compiled+eager")
+    assert lite_view.stats_report.manual_check in ("compiled", "eager")
+
+
 def test_formula_elements_match_explain(lite_report, lite_view):
     rep, lv = lite_report.layer("_blocks.2._bn0"), lite_view.layer("_blocks.2._bn0")
     for ch in (0, 5):
