@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
-KERNEL := $(VENV)/.kernel-$(shell cksum bnviz/csrc/probe.cpp | cut -d' ' -f1)
+KERNEL := $(VENV)/.kernel-$(shell cat bnviz/csrc/probe.cpp bnviz/probe_kernel.py | cksum | cut -d' ' -f1)
 
 .PHONY: run test lint bench browser-deps kernel
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 # The compiled manual-BN check (bnviz/csrc/probe.cpp, ~15 s once per torch version): without
 # a C++ compiler bnviz runs the same check with eager torch ops, slower.
-$(KERNEL): $(STAMP) bnviz/csrc/probe.cpp
+$(KERNEL): $(STAMP) bnviz/csrc/probe.cpp bnviz/probe_kernel.py
 	@$(BIN)/bnviz build-kernel && rm -f $(VENV)/.kernel-* && touch $@ \
 		|| echo "bnviz: continuing with the eager manual-BN check (slower)"
 

@@ -12,7 +12,8 @@ It is built ahead of time, never in the middle of an inspection::
     bnviz build-kernel        # `make run` and `make test` do it for you
 
 which compiles the file with the system C++ compiler (~15 s, once per torch version) into
-``~/.cache/bnviz/kernels`` (``$BNVIZ_CACHE_DIR`` overrides). Each process decides once, at
+``~/.cache/bnviz/kernels`` (``$BNVIZ_CACHE_DIR`` overrides); a compiler without OpenMP
+(Apple's clang) gets a build whose check runs on the calling thread. Each process decides once, at
 its first inspection, whether the library is there: two inspections in one process always
 use the same code, so their numbers are identical to the last bit. Without a compiler, on
 CUDA, for dtypes other than float32 or non-contiguous tensors, the eager path runs instead:
@@ -34,7 +35,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "probe.cpp"
-CXX_FLAGS = ("-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-Wno-psabi")
+CXX_FLAGS = ("-O3", "-std=c++20", "-fPIC", "-shared", "-Wno-psabi")
+#: Tried first: the check then runs on PyTorch's OpenMP threads. Compilers without OpenMP
+#: (Apple's clang) build it without, and the check runs on the calling thread.
+OPENMP_FLAG = "-fopenmp"
 
 
 class KernelBuildError(RuntimeError):
@@ -58,7 +62,7 @@ def library_path() -> Path:
     """The library for this source, this torch and these flags (any change gets a new file)."""
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
-    key.update(" ".join(CXX_FLAGS).encode())
+    key.update(" ".join((*CXX_FLAGS, OPENMP_FLAG)).encode())
     key.update(torch.__version__.encode())
     key.update(str(torch._C._GLIBCXX_USE_CXX11_ABI).encode())
     return cache_dir() / f"bnviz_probe-{key.hexdigest()[:16]}.so"
@@ -89,25 +93,29 @@ def build(verbose: bool = False) -> Path:
     includes = [f"-I{os.path.join(torch_dir, 'include')}"]
     lib_dir = os.path.join(torch_dir, "lib")
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    cmd = [cxx, *CXX_FLAGS, abi, *includes, str(SOURCE), "-o", str(partial),
-           f"-L{lib_dir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib_dir}"]
-    if verbose:
-        print(" ".join(cmd), file=sys.stderr)
+    tail = [abi, *includes, str(SOURCE), "-o", str(partial), f"-L{lib_dir}", "-lc10",
+            "-ltorch_cpu", f"-Wl,-rpath,{lib_dir}"]
+    attempts = [[cxx, *CXX_FLAGS, OPENMP_FLAG, *tail], [cxx, *CXX_FLAGS, *tail]]
+    log_text = ""
     try:
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-        except OSError as exc:
-            raise KernelBuildError(f"cannot run the compiler {cxx!r} ({exc.strerror}); "
-                                   "install g++ or set CXX") from exc
-        if done.returncode != 0:
-            log = target.with_suffix(".log")
-            log.write_text(" ".join(cmd) + "\n\n" + done.stdout + done.stderr)
-            raise KernelBuildError(f"{cxx} failed to compile {SOURCE.name} "
-                                   f"(exit {done.returncode}; compiler output in {log})")
-        os.replace(partial, target)
+        for cmd in attempts:
+            if verbose:
+                print(" ".join(cmd), file=sys.stderr)
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True)
+            except OSError as exc:
+                raise KernelBuildError(f"cannot run the compiler {cxx!r} ({exc.strerror}); "
+                                       "install g++ or set CXX") from exc
+            if done.returncode == 0:
+                os.replace(partial, target)
+                return target
+            log_text += " ".join(cmd) + "\n\n" + done.stdout + done.stderr + "\n"
+        log = target.with_suffix(".log")
+        log.write_text(log_text)
+        raise KernelBuildError(f"{cxx} failed to compile {SOURCE.name} "
+                               f"(exit {done.returncode}; compiler output in {log})")
     finally:
         partial.unlink(missing_ok=True)
-    return target
 
 
 _lock = threading.Lock()

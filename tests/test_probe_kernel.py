@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -166,3 +167,38 @@ def test_switch_off_and_build_failures_are_explained(monkeypatch, tmp_path, caps
     monkeypatch.setenv("BNVIZ_CACHE_DIR", str(blocked / "kernels"))
     with pytest.raises(probe_kernel.KernelBuildError, match="BNVIZ_CACHE_DIR"):
         probe_kernel.build()
+
+
+@pytest.mark.slow
+def test_a_compiler_without_openmp_still_builds_a_working_check(monkeypatch, tmp_path):
+    """Apple's clang has no -fopenmp: the build retries without it (the check then runs on
+    the calling thread) and gives the same numbers."""
+    compiled_probe_or_skip()
+    cxx = probe_kernel._compiler()
+    fake = tmp_path / "cxx-without-openmp"
+    fake.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && "
+                    "{ echo 'unsupported option -fopenmp' >&2; exit 1; }; done\n"
+                    f"exec {cxx} \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("BNVIZ_CACHE_DIR", str(tmp_path / "kernels"))
+    path = probe_kernel.build()
+    assert path.exists() and not list(path.parent.glob("*.log"))
+    # Load it in a fresh interpreter (this one has the OpenMP build registered already).
+    import subprocess
+    import sys
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        f"torch.ops.load_library({str(path)!r})\n"
+        "from bnviz import manual_bn, probe_kernel\n"
+        "x = torch.randn(2, 3, 9, 37) * 2 + 1\n"
+        "y = F.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)\n"
+        "with probe_kernel.forced(True):\n"
+        "    p = manual_bn.probe_layer(x, y, weight=None, bias=None, eps=1e-5)\n"
+        "c = manual_bn.summarise([p])[0]\n"
+        "assert p.backend == 'compiled' and c.max_abs_diff < 1e-5, c.max_abs_diff\n"
+        "torch.testing.assert_close(c.batch.var, x.var(dim=(0, 2, 3), unbiased=False))\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "BNVIZ_CACHE_DIR": str(tmp_path / "kernels")})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
