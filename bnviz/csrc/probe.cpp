@@ -54,7 +54,15 @@ inline v8f splat(float a) { return v8f{a, a, a, a, a, a, a, a}; }
 
 constexpr int64_t BLOCK = 1024;  // values summed in float lanes before flushing into double
 
-struct Sums { double s1; double s2; };
+struct Sums {
+  double s1;
+  double s2;
+  void add(float x, float c0) {  // one value of a row's scalar tail, in double
+    const double d = double(x) - double(c0);
+    s1 += d;
+    s2 += d * d;
+  }
+};
 struct Extremes { float hi; float lo; int bad; };
 
 // Sum of one row.
@@ -83,6 +91,10 @@ double row_sum(const float* __restrict x, int64_t len) {
 struct Lanes {  // float partial sums of (x - c0) and (x - c0)^2, two registers each
   v8f a1 = splat(0.f), b1 = splat(0.f), a2 = splat(0.f), b2 = splat(0.f);
   int64_t pending = 0;
+  void add(v8f d, v8f e) {  // 16 centred values
+    a1 += d; b1 += e;
+    a2 += d * d; b2 += e * e;
+  }
   void flush(Sums& r) {
     for (int j = 0; j < 8; ++j) {
       r.s1 += double(a1[j]) + double(b1[j]);
@@ -97,6 +109,11 @@ struct Peaks {  // running extremes of the difference, two registers each
   v8f hi0 = splat(-HUGE_VALF), hi1 = splat(-HUGE_VALF);
   v8f lo0 = splat(HUGE_VALF), lo1 = splat(HUGE_VALF);
   v8i bad = v8i{0, 0, 0, 0, 0, 0, 0, 0};
+  void add(v8f f, v8f g) {  // 16 differences
+    hi0 = f > hi0 ? f : hi0; lo0 = f < lo0 ? f : lo0;
+    hi1 = g > hi1 ? g : hi1; lo1 = g < lo1 ? g : lo1;
+    bad |= (f != f) | (g != g);
+  }
   void merge(Extremes& r) const {
     for (int j = 0; j < 8; ++j) {
       r.hi = std::max(r.hi, std::max(hi0[j], hi1[j]));
@@ -126,18 +143,12 @@ Sums channel_sums(const float* __restrict x, int64_t rows, int64_t stride, int64
       const int64_t stop = std::min<int64_t>(len, i + BLOCK);
       const int64_t start = i;
       for (; i + 16 <= stop; i += 16) {
-        const v8f d = load8(xr + i) - c, e = load8(xr + i + 8) - c;
-        L.a1 += d; L.b1 += e;
-        L.a2 += d * d; L.b2 += e * e;
+        L.add(load8(xr + i) - c, load8(xr + i + 8) - c);
       }
       L.pending += i - start;
       if (L.pending >= BLOCK) L.flush(r);
     }
-    for (; i < len; ++i) {
-      const double d = double(xr[i]) - double(c0);
-      r.s1 += d;
-      r.s2 += d * d;
-    }
+    for (; i < len; ++i) r.add(xr[i], c0);
   }
   L.flush(r);
   return r;
@@ -155,11 +166,8 @@ Extremes channel_diff(const float* __restrict x, const float* __restrict y, int6
     const float* yr = y + row * stride;
     int64_t i = 0;
     for (; i + 16 <= len; i += 16) {
-      const v8f d = load8(yr + i) - (load8(xr + i) - mv) * sv;
-      const v8f e = load8(yr + i + 8) - (load8(xr + i + 8) - mv) * sv;
-      P.hi0 = d > P.hi0 ? d : P.hi0; P.lo0 = d < P.lo0 ? d : P.lo0;
-      P.hi1 = e > P.hi1 ? e : P.hi1; P.lo1 = e < P.lo1 ? e : P.lo1;
-      P.bad |= (d != d) | (e != e);
+      P.add(load8(yr + i) - (load8(xr + i) - mv) * sv,
+            load8(yr + i + 8) - (load8(xr + i + 8) - mv) * sv);
     }
     for (; i < len; ++i) scalar_extreme(r, yr[i] - (xr[i] - m) * s);
   }
@@ -184,21 +192,14 @@ void channel_fused(const float* __restrict x, const float* __restrict y, int64_t
       const int64_t start = i;
       for (; i + 16 <= stop; i += 16) {
         const v8f xa = load8(xr + i), xb = load8(xr + i + 8);
-        const v8f d = xa - c, e = xb - c;
-        L.a1 += d; L.b1 += e;
-        L.a2 += d * d; L.b2 += e * e;
-        const v8f f = load8(yr + i) - (xa - mv) * sv, g = load8(yr + i + 8) - (xb - mv) * sv;
-        P.hi0 = f > P.hi0 ? f : P.hi0; P.lo0 = f < P.lo0 ? f : P.lo0;
-        P.hi1 = g > P.hi1 ? g : P.hi1; P.lo1 = g < P.lo1 ? g : P.lo1;
-        P.bad |= (f != f) | (g != g);
+        L.add(xa - c, xb - c);
+        P.add(load8(yr + i) - (xa - mv) * sv, load8(yr + i + 8) - (xb - mv) * sv);
       }
       L.pending += i - start;
       if (L.pending >= BLOCK) L.flush(sums);
     }
     for (; i < len; ++i) {
-      const double d = double(xr[i]) - double(c0);
-      sums.s1 += d;
-      sums.s2 += d * d;
+      sums.add(xr[i], c0);
       scalar_extreme(ext, yr[i] - (xr[i] - m) * s);
     }
   }
