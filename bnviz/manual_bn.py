@@ -192,7 +192,8 @@ class Probe:
     norm_mean: torch.Tensor  # (C,) mean the manual output subtracts (centre or running mean)
     bias: torch.Tensor | None  # (C,) beta (any float dtype), None without affine
     # (C,) the value ``hi``/``lo`` were centred on, when not ``centre``: the compiled probe
-    # sums about one sample of each channel but takes differences about ``norm_mean``.
+    # sums about the mean of each channel's first row but takes differences about
+    # ``norm_mean``.
     diff_centre: torch.Tensor | None = None
     backend: str = "eager"  # or "compiled": which code measured it (bnviz.probe_kernel)
 
