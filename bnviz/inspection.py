@@ -417,26 +417,54 @@ def _info(private: torch.nn.Module) -> _CopyInfo:
 def _scan(model: torch.nn.Module) -> tuple[tuple, list[str]]:
     """One walk over the module tree: a cheap fingerprint and the BN layer names.
 
-    The fingerprint covers structure, parameter storage/versions and which buffers each
-    module has. A pooled copy is reused only while it is unchanged: a replaced submodule, a
-    re-assigned parameter, ``model.to(...)``, an in-place weight edit (``_version``; it
-    matters for device copies, which do not share storage) or a registered or removed
-    buffer all force a fresh copy. (Buffer *values* are copied on every reuse.)
+    The fingerprint covers structure (modules and their child names), parameter
+    storage/versions and which buffers each module has. A pooled copy is reused only while
+    it is unchanged: a replaced or renamed submodule, a re-assigned parameter,
+    ``model.to(...)``, an in-place weight edit (``_version``; it matters for device copies,
+    which do not share storage) or a registered or removed buffer all force a fresh copy.
+    (Buffer *values* are copied on every reuse.)
+
+    The walk visits modules in ``named_modules()`` order (pre-order, each module once)
+    without building every qualified name; the BN layers' names come from
+    ``named_modules()`` once per structure (:data:`_NAMES`).
     """
     modules = []
+    layout = []
     params = []
     buffers = []
-    names = []
-    for name, m in model.named_modules():
-        modules.append(id(m))
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        key = id(m)
+        if key in seen:  # a module reachable twice is listed once, where first met
+            continue
+        seen.add(key)
+        modules.append(key)
+        children = m._modules
+        layout.append(tuple(children))
         for p in m._parameters.values():
             if p is not None:
                 params.append((id(p), p.data_ptr(), p._version))
         if m._buffers:
-            buffers.append((id(m), tuple(m._buffers)))
-        if isinstance(m, _BatchNorm):
-            names.append(name)
-    return (tuple(modules), tuple(params), tuple(buffers)), names
+            buffers.append((key, tuple(m._buffers)))
+        if children:
+            stack.extend(reversed([c for c in children.values() if c is not None]))
+    structure = (tuple(modules), tuple(layout))
+    names = _NAMES.get(structure)
+    if names is None:
+        names = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+        with _NAMES_LOCK:
+            if len(_NAMES) >= 64:
+                _NAMES.pop(next(iter(_NAMES)))
+            _NAMES[structure] = names
+    return (*structure, tuple(params), tuple(buffers)), list(names)
+
+
+#: BN layer names per module structure (ids and child names): ``named_modules()`` builds a
+#: qualified name for every module, a third of a scan's cost, and they only change with it.
+_NAMES: dict[tuple, list[str]] = {}
+_NAMES_LOCK = threading.Lock()
 
 
 class _CopyPool:
@@ -481,6 +509,9 @@ class _CopyPool:
 _POOL = _CopyPool()
 
 
+_BN_SETTINGS = ("track_running_stats", "momentum", "eps")
+
+
 def _reset_copy(private: torch.nn.Module) -> None:
     """Make a pooled copy equal to its original again (BN attributes, all buffers).
 
@@ -496,9 +527,14 @@ def _reset_copy(private: torch.nn.Module) -> None:
             if orig is None:  # pragma: no cover - the pool is keyed weakly by the root
                 raise RuntimeError("the original model of a pooled copy is gone")
             if isinstance(orig, _BatchNorm):
-                m.track_running_stats = orig.track_running_stats
-                m.momentum = orig.momentum
-                m.eps = orig.eps
+                # Plain attributes: written to __dict__, skipping nn.Module.__setattr__'s
+                # parameter/buffer/module checks (~1 us each, three per layer per run).
+                state, src = m.__dict__, orig.__dict__
+                for attr in _BN_SETTINGS:
+                    if attr in src:
+                        state[attr] = src[attr]
+                    else:  # a subclass that makes it a property, say
+                        setattr(m, attr, getattr(orig, attr))
             for bname, buf in orig._buffers.items():
                 mine = m._buffers.get(bname)
                 if buf is None:
@@ -521,6 +557,90 @@ def _device_of(private: torch.nn.Module, buf: torch.Tensor) -> torch.device:
     return buf.device
 
 
+@dataclass
+class _FlatRun:
+    """Where the compiled probe writes every layer's finished check during one CPU forward.
+
+    Each BN layer owns ``num_features`` columns (in network order) of ``out`` and one
+    column of ``maxima`` (see :func:`bnviz.manual_bn.block_checks`). The hook then costs
+    one operator call -- no allocation, no per-layer result objects -- and nothing is left
+    to compute after the forward. On efficientnet_lite0 at batch 1 that is what keeps the
+    per-layer Python cost of an inspection small next to the forward itself.
+    """
+
+    op: Any  # torch.ops.bnviz.probe_into.default
+    out: torch.Tensor  # (4, width) float32
+    maxima: torch.Tensor  # (2, layers) float64
+    #: layer -> (first column, layer index, weight, bias, eps, eval-mode scale or None)
+    args: dict[str, tuple]
+    offsets: dict[str, int]  # layer -> its first column
+    index: dict[str, int]  # layer -> its column of maxima
+
+
+def _flat_run(bns: dict[str, _BatchNorm], snapshot: dict[str, dict],
+              scales: dict[str, torch.Tensor], dev: torch.device) -> _FlatRun | None:
+    """The compiled probe's blocks for this forward, or None where it does not run (CUDA,
+    no kernel). Layers whose parameters it cannot take (float64, ...) are left out of
+    ``args`` and probed the general way."""
+    if dev.type != "cpu" or not manual_bn.kernel_available():
+        return None
+    f32 = torch.float32
+
+    def fits(t: torch.Tensor | None) -> bool:
+        return t is None or (t.dtype == f32 and t.device.type == "cpu" and t.is_contiguous())
+
+    args: dict[str, tuple] = {}
+    offsets: dict[str, int] = {}
+    index: dict[str, int] = {}
+    width = 0
+    for i, (name, m) in enumerate(bns.items()):
+        offsets[name] = width
+        index[name] = i
+        scale = None
+        weight = m._parameters.get("weight")
+        bias = m._parameters.get("bias")
+        ok = fits(weight) and fits(bias)
+        if snapshot[name]["stats_used"] == "running":
+            scale = scales.get(name)
+            ok = ok and scale is not None and fits(scale) and fits(m._buffers["running_mean"])
+        if ok:
+            args[name] = (width, i, weight, bias, float(m.eps), scale)
+        width += m.num_features
+    return _FlatRun(op=torch.ops.bnviz.probe_into.default,
+                    out=torch.empty((4, width), dtype=f32),
+                    maxima=torch.empty((2, len(bns)), dtype=torch.float64), args=args,
+                    offsets=offsets, index=index)
+
+
+def _checks(session: _Session, bns: dict[str, _BatchNorm],
+            order: list[str]) -> list[manual_bn.LayerCheck]:
+    """Every called layer's :class:`~bnviz.manual_bn.LayerCheck`, in call order.
+
+    Layers the compiled probe finished during the forward are read from its blocks; the
+    others (a second call of a layer, parameters it cannot take, CUDA) have a
+    :class:`~bnviz.manual_bn.Probe` for :func:`~bnviz.manual_bn.summarise`.
+    """
+    records = [session.records[n] for n in order]
+    counts = [math.prod(r["input_shape"]) // r["input_shape"][1] for r in records]
+    flat = session.flat
+    in_block = [i for i, r in enumerate(records) if r["probe"] is None]
+    checks: list[Any] = [None] * len(order)
+    if in_block:
+        names = [order[i] for i in in_block]
+        found = manual_bn.block_checks(
+            flat.out, flat.maxima, [flat.offsets[n] for n in names],  # type: ignore[union-attr]
+            [bns[n].num_features for n in names], [counts[i] for i in in_block],
+            [flat.index[n] for n in names])  # type: ignore[union-attr]
+        for i, check in zip(in_block, found, strict=True):
+            checks[i] = check
+    rest = [i for i, r in enumerate(records) if r["probe"] is not None]
+    if rest:
+        for i, check in zip(rest, manual_bn.summarise([records[i]["probe"] for i in rest],
+                                                      device="cpu"), strict=True):
+            checks[i] = check
+    return checks
+
+
 # -- one inspection session -----------------------------------------------------------------
 
 
@@ -541,9 +661,13 @@ class _Session(TorchFunctionMode):
 
     def __init__(self, names: dict[int, str], keep: set[str], device: torch.device,
                  scratch: manual_bn.Scratch, snapshot: dict[str, dict], detect: bool,
-                 running_scales: dict[str, torch.Tensor] | None = None):
+                 running_scales: dict[str, torch.Tensor] | None = None,
+                 flat: _FlatRun | None = None):
         super().__init__()
         self.running_scales = running_scales or {}
+        self.flat = flat
+        # layer -> compiled-probe arguments; a layer leaves it when it stops fitting them
+        self.flat_args: dict[str, tuple] = dict(flat.args) if flat is not None else {}
         self.names = names
         self.keep = keep
         self.device = device
@@ -563,6 +687,7 @@ class _Session(TorchFunctionMode):
             name = self.names[id(module)]
             self.current = name
             if name in self.before:  # called again in this forward: buffers may have moved
+                self.flat_args.pop(name, None)
                 self.before[name] = {
                     "running_mean": _cpu_copy(module.running_mean),
                     "running_var": _cpu_copy(module.running_var),
@@ -577,27 +702,26 @@ class _Session(TorchFunctionMode):
             if (module.training, module.track_running_stats, module.momentum) != (
                     before["training"], before["track"], before["momentum"]):
                 before = {**before, **_layer_state(module)}
+                self.flat_args.pop(name, None)
             self.before[name] = before
 
     def hook(self, module: _BatchNorm, args, output):
         with torch._C.DisableTorchFunction():
             name = self.names[id(module)]
             x = args[0]
-            use_running = self.before[name]["stats_used"] == "running"
-            # In eval mode the forward does not touch the buffers, so the module's own
-            # running statistics are the ones BN just used.
-            probe = manual_bn.probe_layer(  # no detach needed: the forward runs in no_grad
-                x,
-                output,
-                weight=module.weight,
-                bias=module.bias,
-                eps=module.eps,
-                running_mean=module.running_mean if use_running else None,
-                running_var=module.running_var if use_running else None,
-                use_running=use_running,
-                scratch=self.scratch,
-                scale=self.running_scales.get(name) if use_running else None,
-            )
+            fast = self.flat_args.get(name)
+            if fast is not None and name not in self.records and manual_bn.kernel_applies(
+                    x, output):
+                # The common case: the compiled probe writes this layer's finished check
+                # into its columns of the network-wide blocks (_FlatRun); None marks it.
+                offset, index, weight, bias, eps, scale = fast
+                flat = self.flat
+                flat.op(x, output, flat.out, flat.maxima, offset, index,  # type: ignore
+                        weight, bias, eps, None if scale is None else module.running_mean,
+                        scale)
+                probe = None
+            else:
+                probe = self._probe(name, module, x, output)
             rec = {"probe": probe, "input_shape": tuple(x.shape)}
             if name in self.keep:
                 rec["input"] = x
@@ -609,6 +733,23 @@ class _Session(TorchFunctionMode):
             self.order.append(name)
             if self.detect:
                 self.pending.append(_Pending(name, weakref.ref(output)))
+
+    def _probe(self, name: str, module: _BatchNorm, x, output) -> manual_bn.Probe:
+        use_running = self.before[name]["stats_used"] == "running"
+        # In eval mode the forward does not touch the buffers, so the module's own
+        # running statistics are the ones BN just used.
+        return manual_bn.probe_layer(  # no detach needed: the forward runs in no_grad
+            x,
+            output,
+            weight=module.weight,
+            bias=module.bias,
+            eps=module.eps,
+            running_mean=module.running_mean if use_running else None,
+            running_var=module.running_var if use_running else None,
+            use_running=use_running,
+            scratch=self.scratch,
+            scale=self.running_scales.get(name) if use_running else None,
+        )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -864,8 +1005,10 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
     known = info.consumers.get(consumers_key)
     detect = bool(keep) or known is None
 
+    snapshot = _snapshot(private_bns)
+    scales = _running_scales(private_bns, snapshot)
     session = _Session({id(m): n for n, m in private_bns.items()}, keep, dev, info.scratch,
-                       _snapshot(private_bns), detect, _running_scales(private_bns))
+                       snapshot, detect, scales, _flat_run(private_bns, snapshot, scales, dev))
     info.session = session
     inp = model_input.to(dev)
     t0 = time.perf_counter()
@@ -907,7 +1050,8 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
     if missing:
         notes["layers_not_called"] = missing
     notes["other_modules"] = other_modules
-    backends = sorted({rec["probe"].backend for rec in session.records.values()})
+    backends = sorted({"compiled" if rec["probe"] is None else rec["probe"].backend
+                       for rec in session.records.values()})
 
     committed = False
     if commit:
@@ -930,16 +1074,24 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
 
 
 def _snapshot(bns: dict[str, _BatchNorm]) -> dict[str, dict]:
-    """Every layer's running buffers, counter and state before the forward, in one copy."""
-    mods = list(bns.values())
-    stats = _report_tensors([m.running_mean for m in mods] + [m.running_var for m in mods])
-    nbt = _ints([m.num_batches_tracked for m in mods])
-    k = len(mods)
-    return {
-        name: {"running_mean": stats[i], "running_var": stats[k + i], "nbt": nbt[i],
-               **_layer_state(mods[i])}
-        for i, name in enumerate(bns)
-    }
+    """Every layer's running buffers, counter and state before the forward, in one copy.
+
+    Buffers are read from ``_buffers`` directly: ``module.running_mean`` goes through
+    ``nn.Module.__getattr__`` (~1 us), a few hundred times per run.
+    """
+    bufs = [m._buffers for m in bns.values()]
+    rm = [b.get("running_mean") for b in bufs]
+    rv = [b.get("running_var") for b in bufs]
+    stats = _report_tensors(rm + rv)
+    nbt = _ints([b.get("num_batches_tracked") for b in bufs])
+    k = len(bufs)
+    out = {}
+    for i, (name, m) in enumerate(bns.items()):
+        state = m.__dict__
+        out[name] = {"running_mean": stats[i], "running_var": stats[k + i], "nbt": nbt[i],
+                     **_state_of(state["training"], state["track_running_stats"],
+                                 state["momentum"], rm[i] is not None and rv[i] is not None)}
+    return out
 
 
 def _layer_state(module: _BatchNorm) -> dict[str, Any]:
@@ -965,27 +1117,32 @@ def _state_of(training: bool, track: bool, momentum: float | None,
     }
 
 
-def _running_scales(bns: dict[str, _BatchNorm]) -> dict[str, torch.Tensor]:
+def _running_scales(bns: dict[str, _BatchNorm],
+                    snapshot: dict[str, dict]) -> dict[str, torch.Tensor]:
     """``weight / sqrt(running_var + eps)`` of every layer that will normalise with its
     running statistics, computed for all of them at once before the forward (in eval mode
     the forward does not touch the buffers, so this is exactly what BN will use)."""
-    names = [n for n, m in bns.items() if stats_used(m) == "running"]
     groups: dict[tuple, list[str]] = {}
-    for n in names:
-        v = bns[n].running_var
-        groups.setdefault((v.dtype, v.device), []).append(n)
+    for n, before in snapshot.items():
+        if before["stats_used"] == "running":
+            v = bns[n]._buffers["running_var"]
+            groups.setdefault((v.dtype, v.device), []).append(n)
     out: dict[str, torch.Tensor] = {}
     for (dtype, dev), group in groups.items():
         work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         mods = [bns[n] for n in group]
         sizes = [m.num_features for m in mods]
         eps = torch.tensor([m.eps for m in mods], dtype=work, device=dev)
-        var = torch.cat([m.running_var for m in mods]).to(work)
+        var = torch.cat([m._buffers["running_var"] for m in mods]).to(work)
         scale = torch.rsqrt(var + eps.repeat_interleave(torch.tensor(sizes, device=dev)))
-        gamma = torch.cat([m.weight if m.weight is not None
-                           else torch.ones(m.num_features, dtype=work, device=dev)
-                           for m in mods]).to(work)
-        for n, part in zip(group, (scale * gamma).split(sizes), strict=True):
+        weights = [m._parameters.get("weight") for m in mods]
+        if all(w is None for w in weights):
+            part_of = scale
+        else:
+            part_of = scale * torch.cat([w if w is not None
+                                         else torch.ones(m.num_features, dtype=work, device=dev)
+                                         for m, w in zip(mods, weights, strict=True)]).to(work)
+        for n, part in zip(group, part_of.split(sizes), strict=True):
             out[n] = part
     return out
 
@@ -997,6 +1154,13 @@ def _report_tensors(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | N
     ``cat`` is the copy (a report must not change when the model's buffers do), and one
     copy of all layers' vectors replaces a few hundred tiny clones and device transfers.
     """
+    first = tensors[0] if tensors else None
+    if first is not None:  # the usual case: all present, one dtype, one device, vectors
+        dtype, device = first.dtype, first.device
+        if all(t is not None and t.dtype == dtype and t.device == device and t.dim() == 1
+               for t in tensors):
+            flat = _cpu(torch.cat(tensors))
+            return list(flat.split([t.shape[0] for t in tensors]))  # type: ignore
     out: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -1044,12 +1208,15 @@ def _layer_reports(session: _Session, bns: dict[str, _BatchNorm],
                    requested) -> list[LayerReport]:
     """Build every layer's report from the probes, with vectorised arithmetic and copies."""
     order = session.order
-    checks = manual_bn.summarise([session.records[n]["probe"] for n in order], device="cpu")
+    checks = _checks(session, bns, order)
     mods = [bns[n] for n in order]
     k = len(mods)
-    after = _report_tensors([m.running_mean for m in mods] + [m.running_var for m in mods]
-                            + [m.weight for m in mods] + [m.bias for m in mods])
-    nbt_after = _ints([m.num_batches_tracked for m in mods])
+    bufs = [m._buffers for m in mods]
+    params = [m._parameters for m in mods]
+    after = _report_tensors([b.get("running_mean") for b in bufs]
+                            + [b.get("running_var") for b in bufs]
+                            + [p.get("weight") for p in params] + [p.get("bias") for p in params])
+    nbt_after = _ints([b.get("num_batches_tracked") for b in bufs])
     updates = _manual_updates(
         [session.before[n] for n in order], checks, after[:k], after[k:2 * k], nbt_after)
 

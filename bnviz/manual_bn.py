@@ -343,40 +343,87 @@ def summarise(probes: list[Probe], device: torch.device | str | None = None) -> 
     return results  # type: ignore[return-value]
 
 
+def block_checks(out: torch.Tensor, maxima: torch.Tensor, starts: list[int], sizes: list[int],
+                 counts: list[int], indices: list[int]) -> list[LayerCheck]:
+    """:class:`LayerCheck` objects from the blocks the compiled probe fills during a forward.
+
+    ``torch.ops.bnviz.probe_into`` finishes each layer inside the hook: the arithmetic of
+    :func:`summarise` (same formula, same order, float64) runs per channel as the channel is
+    read, into network-wide blocks -- ``out`` (4, width), float32 rows batch mean, biased
+    variance, unbiased variance, max |manual - native|; ``maxima`` (2, layers), float64
+    rows each layer's largest difference and largest ``E[y^2]``. What is left here is
+    slicing: on a batch-1 forward, the dozens of tensor ops and concatenations of
+    :func:`summarise` cost more than the check itself.
+
+    Layer ``i`` owns columns ``starts[i]:starts[i] + sizes[i]`` of ``out`` and column
+    ``indices[i]`` of ``maxima``; ``counts[i]`` is its values per channel.
+    """
+    if not sizes:
+        return []
+    diffs, y_sqs = maxima.tolist()
+    contiguous = starts[0] == 0 and sum(sizes) == out.shape[1] and all(
+        b == a + n for a, b, n in zip(starts, starts[1:], sizes, strict=False))
+    if contiguous:  # the usual forward: every layer once, in network order
+        rows = [row.split(sizes) for row in out]
+        columns = [tuple(row[i] for row in rows) for i in range(len(sizes))]
+    else:
+        columns = [tuple(out[:, a:a + n]) for a, n in zip(starts, sizes, strict=True)]
+    tiny = torch.finfo(out.dtype).tiny
+    checks = []
+    for (mean, var, unbiased, channel_diff), count, i in zip(columns, counts, indices,
+                                                             strict=True):
+        out_scale = math.sqrt(y_sqs[i])
+        checks.append(LayerCheck(
+            batch=BatchStats(mean=mean, var=var, var_unbiased=unbiased if count > 1 else None,
+                             count=count),
+            channel_max_abs_diff=channel_diff,
+            max_abs_diff=diffs[i],
+            max_rel_diff=diffs[i] / max(out_scale, tiny),
+            output_rms_max=out_scale,
+        ))
+    return checks
+
+
 @torch.no_grad()
 def _summarise_group(probes: list[Probe], device) -> list[LayerCheck]:
-    work = probes[0].centre.dtype
-    dev = probes[0].centre.device
     f64 = torch.float64
-    sizes = [p.centre.numel() for p in probes]
 
     def cat(tensors) -> torch.Tensor:
         return torch.cat(list(tensors)).to(f64)
 
-    def zeros_like(p: Probe) -> torch.Tensor:
-        return torch.zeros_like(p.centre)
-
-    size_t = torch.tensor(sizes, device=dev)
-    counts = torch.tensor([float(p.count) for p in probes], dtype=f64, device=dev)
-    counts = counts.repeat_interleave(size_t)
     total, centre, sq, scale, hi, lo, norm_mean = (
         cat(getattr(p, field) for p in probes)
         for field in ("total", "centre", "sq", "scale", "hi", "lo", "norm_mean")
     )
     diff_centre = (centre if all(p.diff_centre is None for p in probes)
                    else cat(p.centre if p.diff_centre is None else p.diff_centre for p in probes))
-    beta = cat(p.bias if p.bias is not None else zeros_like(p) for p in probes)
+    beta = cat(p.bias if p.bias is not None else torch.zeros_like(p.centre) for p in probes)
+    return _summarise_columns(
+        total=total, centre=centre, sq=sq, scale=scale, hi=hi, lo=lo, norm_mean=norm_mean,
+        diff_centre=diff_centre, beta=beta, counts=[p.count for p in probes],
+        sizes=[p.centre.numel() for p in probes], work=probes[0].centre.dtype, device=device)
 
-    mean = total / counts
-    var = (sq / counts - (mean - centre) ** 2).clamp_min(0)
-    unbiased = var * counts / (counts - 1)
+
+def _summarise_columns(*, total, centre, sq, scale, hi, lo, norm_mean, diff_centre, beta,
+                       counts: list[int], sizes: list[int], work: torch.dtype,
+                       device) -> list[LayerCheck]:
+    """The per-channel arithmetic of :func:`summarise` on float64 columns of all layers."""
+    f64 = torch.float64
+    dev = total.device
+    size_t = torch.tensor(sizes, device=dev)
+    count_col = torch.tensor(counts, dtype=f64, device=dev).repeat_interleave(size_t)
+
+    mean = total / count_col
+    var = (sq / count_col - (mean - centre) ** 2).clamp_min(0)
+    unbiased = var * count_col / (count_col - 1)
     shift = beta + (diff_centre - norm_mean) * scale
     channel_diff = torch.maximum(hi - shift, shift - lo)
     d = mean - norm_mean
     y_sq = (scale**2 * (var + d**2) + 2 * scale * beta * d + beta**2).clamp_min(0)
 
-    segment = torch.arange(len(probes), device=dev).repeat_interleave(size_t)
-    maxima = torch.zeros(2, len(probes), dtype=f64, device=dev)
+    layers = len(sizes)
+    segment = torch.arange(layers, device=dev).repeat_interleave(size_t)
+    maxima = torch.zeros(2, layers, dtype=f64, device=dev)
     maxima[0].scatter_reduce_(0, segment, channel_diff, "amax")
     maxima[1].scatter_reduce_(0, segment, y_sq, "amax")
     layer_diff, layer_y_sq = maxima.tolist()
@@ -387,11 +434,11 @@ def _summarise_group(probes: list[Probe], device) -> list[LayerCheck]:
     rows = [row.split(sizes) for row in block]  # per-layer views, 4 ops for all layers
     tiny = torch.finfo(work).tiny
     out = []
-    for i, (p, diff, ysq) in enumerate(zip(probes, layer_diff, layer_y_sq, strict=True)):
+    for i, (count, diff, ysq) in enumerate(zip(counts, layer_diff, layer_y_sq, strict=True)):
         out_scale = math.sqrt(ysq)
         out.append(LayerCheck(
             batch=BatchStats(mean=rows[0][i], var=rows[1][i],
-                             var_unbiased=rows[2][i] if p.count > 1 else None, count=p.count),
+                             var_unbiased=rows[2][i] if count > 1 else None, count=count),
             channel_max_abs_diff=rows[3][i],
             max_abs_diff=diff,
             max_rel_diff=diff / max(out_scale, tiny),

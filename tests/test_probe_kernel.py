@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compiled_probe_or_skip
+from torch import nn
 
 import bnviz
 from bnviz import manual_bn, probe_kernel
@@ -202,3 +203,160 @@ def test_a_compiler_without_openmp_still_builds_a_working_check(monkeypatch, tmp
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "BNVIZ_CACHE_DIR": str(tmp_path / "kernels")})
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def _blocks(width: int, layers: int):
+    return torch.full((4, width), float("nan")), torch.full((2, layers), float("nan"),
+                                                             dtype=torch.float64)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_finished_checks_in_blocks_equal_the_summary_of_the_same_probes(train):
+    """``probe_into`` does summarise()'s arithmetic per channel inside the kernel: its
+    columns must equal summarise() of the compiled probe of the same layer to the last bit
+    -- mean, both variances, per-channel and per-layer differences, output scale -- for
+    every shape (one value per channel included, where the unbiased variance is None), with
+    and without affine, NaN in the output included."""
+    compiled_probe_or_skip()
+    shapes = [s for s in SHAPES if not (train and math.prod(s) // s[1] == 1)]
+    cases = []
+    for i, shape in enumerate(shapes):
+        x, y, w, b, rm, rv = _layer(shape, train, affine=i % 2 == 0, seed=i)
+        if i == 2:
+            y = y.clone()
+            y.view(-1)[3] = float("nan")
+        cases.append((x, y, w, b, rm, rv))
+    sizes = [x.shape[1] for x, *_ in cases]
+    # the layers' columns in reverse order, after a gap of two columns
+    starts = [2 + sum(sizes[i + 1:]) for i in range(len(sizes))]
+    out, maxima = _blocks(sum(sizes) + 2, len(cases) + 1)
+    op = torch.ops.bnviz.probe_into.default
+    for i in reversed(range(len(cases))):
+        x, y, w, b, rm, rv = cases[i]
+        scale = None if train else (torch.rsqrt(rv + 1e-3) * (w if w is not None else 1.0))
+        op(x, y, out, maxima, starts[i], i + 1, w, b, 1e-3, None if train else rm, scale)
+    counts = [math.prod(x.shape) // x.shape[1] for x, *_ in cases]
+    found = manual_bn.block_checks(out, maxima, starts, sizes, counts,
+                                   list(range(1, len(cases) + 1)))
+    for (x, y, w, b, rm, rv), check in zip(cases, found, strict=True):
+        _, want = _probe(x, y, w, b, rm, rv, train, compiled=True)
+        assert check.batch.count == want.batch.count
+        assert torch.equal(check.batch.mean, want.batch.mean)
+        assert torch.equal(check.batch.var, want.batch.var)
+        if want.batch.var_unbiased is None:
+            assert check.batch.var_unbiased is None
+        else:
+            assert torch.equal(check.batch.var_unbiased, want.batch.var_unbiased)
+        assert torch.equal(check.channel_max_abs_diff.nan_to_num(-1),
+                           want.channel_max_abs_diff.nan_to_num(-1))
+        for field in ("max_abs_diff", "max_rel_diff", "output_rms_max"):
+            a, e = getattr(check, field), getattr(want, field)
+            assert (math.isnan(a) and math.isnan(e)) or a == e, field
+    assert math.isnan(found[2].max_abs_diff)
+
+
+def test_probe_into_refuses_columns_outside_its_blocks():
+    compiled_probe_or_skip()
+    x, y, w, b, rm, rv = _layer((2, 3, 4, 4), train=True, affine=True)
+    out, maxima = _blocks(4, 2)
+    op = torch.ops.bnviz.probe_into.default
+    with pytest.raises(RuntimeError, match="do not fit a block of 4"):
+        op(x, y, out, maxima, 2, 0, w, b, 1e-3, None, None)
+    with pytest.raises(RuntimeError, match="layer 2 out of range"):
+        op(x, y, out, maxima, 0, 2, w, b, 1e-3, None, None)
+    with pytest.raises(RuntimeError, match="float64 CPU block"):
+        op(x, y, out, maxima.float(), 0, 0, w, b, 1e-3, None, None)
+
+
+class _Irregular(nn.Module):
+    """Everything that takes a layer off the one-call-per-layer path of the blocks: a layer
+    called twice, one never called, float64 parameters, layers called out of order, and a
+    layer the forward switches to eval itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.BatchNorm2d(4)
+        self.unused = nn.BatchNorm2d(4)
+        self.twice = nn.BatchNorm2d(4)
+        self.wide = nn.BatchNorm2d(4).double()
+        self.switched = nn.BatchNorm2d(4)
+        self.late = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.late(x) * 0.5 + 1.0  # registered last, called first
+        x = torch.relu(self.twice(x))
+        x = self.twice(x * 2.0 + 1.0)
+        x = self.wide(x.double()).float()
+        self.switched.eval()
+        return self.first(self.switched(x))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_irregular_forwards_mix_block_and_general_checks(mode, monkeypatch):
+    """The blocks serve the layers they can; the others go through the general probe; the
+    report is identical to one made without the blocks (every layer probed on its own by
+    the compiled probe) and agrees with the eager check."""
+    compiled_probe_or_skip()
+    torch.manual_seed(3)
+    net = _Irregular()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    x = torch.randn(3, 4, 6, 5) * 2 + 0.5
+    from bnviz import inspection
+
+    with probe_kernel.forced(True):
+        blocks = bnviz.inspect(net, x, modes=mode, keep_tensors=False)
+        real_flat_run = inspection._flat_run
+        monkeypatch.setattr(inspection, "_flat_run", lambda *a: None)
+        single = bnviz.inspect(net, x, modes=mode, keep_tensors=False)
+        monkeypatch.setattr(inspection, "_flat_run", real_flat_run)
+    with probe_kernel.forced(False):
+        eager = bnviz.inspect(net, x, modes=mode, keep_tensors=False)
+    assert blocks.manual_check == "compiled+eager"  # the float64 layer runs eagerly
+    assert [layer.name for layer in blocks.layers] == ["late", "twice", "twice", "wide",
+                                                      "switched", "first"]
+    assert blocks.layer("switched").stats_used == "running"
+    for a, s, e in zip(blocks.layers, single.layers, eager.layers, strict=True):
+        assert a.name == s.name == e.name
+        for field in ("batch_mean", "batch_var", "batch_var_unbiased", "channel_max_abs_diff",
+                      "running_mean_after", "running_var_after"):
+            assert torch.equal(getattr(a, field), getattr(s, field)), (a.name, field)
+            torch.testing.assert_close(getattr(a, field), getattr(e, field), rtol=1e-4,
+                                       atol=2e-5)
+        assert a.max_abs_diff == s.max_abs_diff and a.max_rel_diff == s.max_rel_diff
+        assert a.max_rel_diff < 1e-5 and e.max_rel_diff < 1e-5
+
+
+def test_lite0_inspection_through_the_blocks_equals_per_layer_probes(lite, monkeypatch):
+    """The usual forward: every layer of efficientnet_lite0 goes through the blocks, and the
+    report is bit-identical to per-layer compiled probes summarised afterwards."""
+    compiled_probe_or_skip()
+    from bnviz import inspection
+
+    raw = bnviz.make_stimulus("image", name="coffee", size=64, batch_size=2,
+                              composition="jitter")
+    calls = []
+    real_checks = manual_bn.block_checks
+
+    def counting(*args):
+        calls.append(len(args[3]))
+        return real_checks(*args)
+
+    monkeypatch.setattr(manual_bn, "block_checks", counting)
+    with probe_kernel.forced(True):
+        for mode in ("eval", "train,momentum=none"):
+            blocks = bnviz.inspect(lite, raw, modes=mode, keep_tensors=False)
+            with monkeypatch.context() as m:
+                m.setattr(inspection, "_flat_run", lambda *a: None)
+                single = bnviz.inspect(lite, raw, modes=mode, keep_tensors=False)
+            for a, s in zip(blocks.layers, single.layers, strict=True):
+                for field in ("batch_mean", "batch_var", "batch_var_unbiased",
+                              "channel_max_abs_diff", "running_mean_after"):
+                    assert torch.equal(getattr(a, field), getattr(s, field)), (a.name, field)
+                assert (a.max_abs_diff, a.max_rel_diff) == (s.max_abs_diff, s.max_rel_diff)
+    assert calls == [49, 49]  # every layer, from the blocks, in both modes

@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // One build runs everywhere: an AVX2+FMA copy of each loop and a baseline copy, picked at
@@ -216,12 +217,31 @@ const float* optional_data(const c10::optional<at::Tensor>& t, int64_t c, const 
   return t->data_ptr<float>();
 }
 
-// Returns (f64 (4, C): total, sum of squares about centre, max and min of the difference;
-//          f32 (3, C): centre, scale, the mean the manual output subtracts).
-std::tuple<at::Tensor, at::Tensor> probe(const at::Tensor& x, const at::Tensor& y,
-                                         const c10::optional<at::Tensor>& weight, double eps,
-                                         const c10::optional<at::Tensor>& running_mean,
-                                         const c10::optional<at::Tensor>& scale) {
+// One channel's raw results (manual_bn.Probe's fields for that channel).
+struct Channel {
+  double total;  // sum of x
+  double sq;     // sum of (x - centre)^2
+  double hi;     // max of y - (x - norm_mean) * scale
+  double lo;     // min of the same
+  float centre;  // mean of the channel's first row
+  float scale;   // weight / sqrt(var + eps) the manual output used
+  float norm_mean;  // the mean it subtracted (batch or running)
+};
+
+struct Layer {
+  const float* xp;
+  const float* yp;
+  const float* wp;  // weight or nullptr
+  const float* mp;  // running mean (eval) or nullptr
+  const float* sp;  // eval scale or nullptr
+  int64_t n, c, len, count;
+  double eps;
+};
+
+Layer check_layer_args(const at::Tensor& x, const at::Tensor& y,
+                       const c10::optional<at::Tensor>& weight, double eps,
+                       const c10::optional<at::Tensor>& running_mean,
+                       const c10::optional<at::Tensor>& scale) {
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "bnviz::probe: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat,
               "bnviz::probe: float32 only");
@@ -230,55 +250,132 @@ std::tuple<at::Tensor, at::Tensor> probe(const at::Tensor& x, const at::Tensor& 
               "(N, C, ...) shape");
   const int64_t n = x.size(0), c = x.size(1);
   TORCH_CHECK(n > 0 && x.numel() > 0, "bnviz::probe: empty input");
-  const int64_t len = x.numel() / (n * c);
-  const int64_t count = n * len;
-  const float* wp = optional_data(weight, c, "weight");
-  const float* mp = optional_data(running_mean, c, "running_mean");
-  const float* sp = optional_data(scale, c, "scale");
-  TORCH_CHECK((mp == nullptr) == (sp == nullptr),
+  Layer L;
+  L.xp = x.data_ptr<float>();
+  L.yp = y.data_ptr<float>();
+  L.wp = optional_data(weight, c, "weight");
+  L.mp = optional_data(running_mean, c, "running_mean");
+  L.sp = optional_data(scale, c, "scale");
+  TORCH_CHECK((L.mp == nullptr) == (L.sp == nullptr),
               "bnviz::probe: running_mean and scale come together (eval mode) or not at all");
-  const bool eval = mp != nullptr;
+  L.n = n;
+  L.c = c;
+  L.len = x.numel() / (n * c);
+  L.count = n * L.len;
+  L.eps = eps;
+  return L;
+}
 
+Channel check_channel(const Layer& L, int64_t ch) {
+  const int64_t len = L.len, count = L.count;
+  const float* xc = L.xp + ch * len;
+  const float* yc = L.yp + ch * len;
+  const float c0 = static_cast<float>(row_sum(xc, len) / double(len));
+  Sums sums{0.0, 0.0};
+  Extremes ext{-HUGE_VALF, HUGE_VALF, 0};
+  float sc, m;
+  if (L.mp != nullptr) {
+    sc = L.sp[ch];
+    m = L.mp[ch];
+    channel_fused(xc, yc, L.n, L.c * len, len, c0, m, sc, sums, ext);
+  } else {
+    sums = channel_sums(xc, L.n, L.c * len, len, c0);
+    const double d = sums.s1 / double(count);
+    const double var = std::max(0.0, sums.s2 / double(count) - d * d);
+    sc = static_cast<float>(1.0 / std::sqrt(var + L.eps) * (L.wp ? double(L.wp[ch]) : 1.0));
+    m = static_cast<float>(double(c0) + d);
+    ext = channel_diff(xc, yc, L.n, L.c * len, len, m, sc);
+  }
+  if (ext.bad) ext.hi = ext.lo = NAN;
+  return {double(c0) * double(count) + sums.s1, sums.s2, ext.hi, ext.lo, c0, sc, m};
+}
+
+// At least ~32k values per task, so small layers are not split into tiny pieces.
+int64_t grain_of(const Layer& L) { return std::max<int64_t>(1, 32768 / L.count); }
+
+// One layer on its own: (f64 (4, C): total, sq, hi, lo; f32 (3, C): centre, scale,
+// norm_mean), the fields of manual_bn.Probe, which summarise() turns into statistics.
+std::tuple<at::Tensor, at::Tensor> probe(const at::Tensor& x, const at::Tensor& y,
+                                         const c10::optional<at::Tensor>& weight, double eps,
+                                         const c10::optional<at::Tensor>& running_mean,
+                                         const c10::optional<at::Tensor>& scale) {
+  const Layer L = check_layer_args(x, y, weight, eps, running_mean, scale);
+  const int64_t c = L.c;
   at::Tensor f64 = at::empty({4, c}, x.options().dtype(at::kDouble));
   at::Tensor f32 = at::empty({3, c}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* yp = y.data_ptr<float>();
   double* o64 = f64.data_ptr<double>();
   float* o32 = f32.data_ptr<float>();
-
-  // At least ~32k values per task, so small layers are not split into tiny pieces.
-  const int64_t grain = std::max<int64_t>(1, 32768 / count);
-  at::parallel_for(0, c, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, c, grain_of(L), [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
-      const float c0 = static_cast<float>(row_sum(xp + ch * len, len) / double(len));
-      Sums sums{0.0, 0.0};
-      Extremes ext{-HUGE_VALF, HUGE_VALF, 0};
-      float sc, m;
-      const float* xc = xp + ch * len;
-      const float* yc = yp + ch * len;
-      if (eval) {
-        sc = sp[ch];
-        m = mp[ch];
-        channel_fused(xc, yc, n, c * len, len, c0, m, sc, sums, ext);
-      } else {
-        sums = channel_sums(xc, n, c * len, len, c0);
-        const double d = sums.s1 / double(count);
-        const double var = std::max(0.0, sums.s2 / double(count) - d * d);
-        sc = static_cast<float>(1.0 / std::sqrt(var + eps) * (wp ? double(wp[ch]) : 1.0));
-        m = static_cast<float>(double(c0) + d);
-        ext = channel_diff(xc, yc, n, c * len, len, m, sc);
-      }
-      if (ext.bad) ext.hi = ext.lo = NAN;
-      o64[ch] = double(c0) * double(count) + sums.s1;
-      o64[c + ch] = sums.s2;
-      o64[2 * c + ch] = ext.hi;
-      o64[3 * c + ch] = ext.lo;
-      o32[ch] = c0;
-      o32[c + ch] = sc;
-      o32[2 * c + ch] = m;
+      const Channel r = check_channel(L, ch);
+      o64[ch] = r.total;
+      o64[c + ch] = r.sq;
+      o64[2 * c + ch] = r.hi;
+      o64[3 * c + ch] = r.lo;
+      o32[ch] = r.centre;
+      o32[c + ch] = r.scale;
+      o32[2 * c + ch] = r.norm_mean;
     }
   });
   return {f64, f32};
+}
+
+// NaN-propagating max, as torch.maximum / scatter_reduce("amax") do.
+inline double nan_max(double a, double b) { return (std::isnan(a) || a > b) ? a : b; }
+
+// One layer of an inspection, finished: the arithmetic of manual_bn._summarise_columns
+// (same formula, same order, in double) done per channel right here, so the Python side
+// has nothing left to compute. Writes columns [offset, offset + C) of `out` (float32 rows:
+// batch mean, biased variance, unbiased variance, max |manual - native|) and column `layer`
+// of `maxima` (float64 rows: the layer's largest difference, its largest E[y^2]).
+void probe_into(const at::Tensor& x, const at::Tensor& y, at::Tensor& out, at::Tensor& maxima,
+                int64_t offset, int64_t layer, const c10::optional<at::Tensor>& weight,
+                const c10::optional<at::Tensor>& bias, double eps,
+                const c10::optional<at::Tensor>& running_mean,
+                const c10::optional<at::Tensor>& scale) {
+  const Layer L = check_layer_args(x, y, weight, eps, running_mean, scale);
+  const int64_t c = L.c, count = L.count;
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == 4 &&
+                  out.is_contiguous() && out.device().is_cpu(),
+              "bnviz::probe_into: out must be a contiguous float32 CPU block (4, width)");
+  TORCH_CHECK(maxima.scalar_type() == at::kDouble && maxima.dim() == 2 &&
+                  maxima.size(0) == 2 && maxima.is_contiguous() && maxima.device().is_cpu(),
+              "bnviz::probe_into: maxima must be a contiguous float64 CPU block (2, layers)");
+  const int64_t width = out.size(1), layers = maxima.size(1);
+  TORCH_CHECK(offset >= 0 && offset + c <= width, "bnviz::probe_into: columns ", offset, "..",
+              offset + c, " do not fit a block of ", width);
+  TORCH_CHECK(layer >= 0 && layer < layers, "bnviz::probe_into: layer ", layer,
+              " out of range for ", layers);
+  const float* bp = optional_data(bias, c, "bias");
+  float* o = out.data_ptr<float>() + offset;
+  double* mx = maxima.data_ptr<double>();
+  std::vector<double> diff(c), ysq(c);
+  const double n = double(count);
+  at::parallel_for(0, c, grain_of(L), [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      const Channel r = check_channel(L, ch);
+      const double centre = r.centre, sc = r.scale, nm = r.norm_mean;
+      const double beta = bp ? double(bp[ch]) : 0.0;
+      const double mean = r.total / n;
+      const double var = std::max(r.sq / n - (mean - centre) * (mean - centre), 0.0);
+      const double unbiased = var * n / (n - 1.0);
+      const double shift = beta + (nm - nm) * sc;  // differences are about norm_mean
+      diff[ch] = nan_max(r.hi - shift, shift - r.lo);
+      const double d = mean - nm;
+      ysq[ch] = std::max(sc * sc * (var + d * d) + 2.0 * sc * beta * d + beta * beta, 0.0);
+      o[ch] = static_cast<float>(mean);
+      o[width + ch] = static_cast<float>(var);
+      o[2 * width + ch] = static_cast<float>(unbiased);
+      o[3 * width + ch] = static_cast<float>(diff[ch]);
+    }
+  });
+  double dmax = 0.0, ymax = 0.0;  // like summarise's zero-initialised scatter_reduce
+  for (int64_t ch = 0; ch < c; ++ch) {
+    dmax = nan_max(diff[ch], dmax);
+    ymax = nan_max(ysq[ch], ymax);
+  }
+  mx[layer] = dmax;
+  mx[layers + layer] = ymax;
 }
 
 }  // namespace
@@ -286,6 +383,12 @@ std::tuple<at::Tensor, at::Tensor> probe(const at::Tensor& x, const at::Tensor& 
 TORCH_LIBRARY(bnviz, m) {
   m.def("probe(Tensor x, Tensor y, Tensor? weight, float eps, Tensor? running_mean, "
         "Tensor? scale) -> (Tensor, Tensor)");
+  m.def("probe_into(Tensor x, Tensor y, Tensor(a!) out, Tensor(b!) maxima, int offset, "
+        "int layer, Tensor? weight, Tensor? bias, float eps, Tensor? running_mean, "
+        "Tensor? scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(bnviz, CPU, m) { m.impl("probe", probe); }
+TORCH_LIBRARY_IMPL(bnviz, CPU, m) {
+  m.impl("probe", probe);
+  m.impl("probe_into", probe_into);
+}
