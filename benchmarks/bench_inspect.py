@@ -1,7 +1,8 @@
 """Plain forward vs full ``bnviz.inspect`` (all BN layers, statistics, manual-vs-native).
 
 Prints a Markdown table (paste it into BENCHMARKS.md). Same process, same input, medians of
-``--repeats`` runs taken in turns after a warm-up; the baseline forward runs the BN layers in
+``--repeats`` runs taken in turns after a warm-up (ratios: the median over turns of each
+turn's inspect / forward); the baseline forward runs the BN layers in
 the same mode natively. Memory: the bytes of tensors each report holds (stats only:
 per-channel vectors; keep-all: every layer's input, output and activation output, shared
 storage counted once). The manual-vs-native check is the compiled probe when it is built
@@ -63,11 +64,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
-    """Median ms of each function, run in turns (A, B, C, A, B, C, ...) after 3 warm-ups.
+def interleaved(fns: dict, device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Times in ms of each function, run in turns (A, B, C, A, B, C, ...) after 3 warm-ups.
 
     Taking turns spreads any drift of a shared machine (other jobs, CPU frequency) over
-    every variant alike, so the ratios stay meaningful even when absolute times move.
+    every variant alike; :func:`paired_ratio` then compares each turn's times with each
+    other, so the ratios stay meaningful even when absolute times move between turns.
     """
     for _ in range(3):  # warm-up: oneDNN primitives, the private-copy pool, the scratch
         for fn in fns.values():
@@ -79,8 +81,15 @@ def interleaved(fns: dict, device: torch.device, repeats: int) -> dict[str, floa
             t0 = time.perf_counter()
             fn()
             sync(device)
-            times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+            times[key].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over turns of ``times[i] / base[i]``: each turn's inspect against the forward
+    measured right before it. On a shared virtual machine whose speed moves by 30% from one
+    second to the next, this is far steadier than a ratio of two medians."""
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))
 
 
 def peak_extra_mb(fn, device: torch.device) -> float:
@@ -159,16 +168,19 @@ def main() -> None:
                         return bnviz.inspect(model, raw, modes=mode, device=dev,
                                              keep_tensors=keep)
 
-                    ms = interleaved({"forward": forward,
-                                      "stats": lambda: inspect(False),
-                                      "keep": lambda: inspect(True)}, dev, args.repeats)
+                    runs = interleaved({"forward": forward,
+                                        "stats": lambda: inspect(False),
+                                        "keep": lambda: inspect(True)}, dev, args.repeats)
+                    ms = {k: statistics.median(v) for k, v in runs.items()}
                     peak = peak_extra_mb(lambda: inspect(True), dev)
                     s_mem = report_mb(inspect(False))
                     k_mem = report_mb(inspect(True))
                     f_ms = ms["forward"]
                     print(f"| {name} | {dev_name} | {bs} | {mode} | {f_ms:.1f} | "
-                          f"{ms['stats']:.1f} | {ms['stats'] / f_ms:.2f}x | {ms['keep']:.1f} | "
-                          f"{ms['keep'] / f_ms:.2f}x | {peak:.0f} | {s_mem:.2f} / {k_mem:.0f} |",
+                          f"{ms['stats']:.1f} | "
+                          f"{paired_ratio(runs['stats'], runs['forward']):.2f}x | "
+                          f"{ms['keep']:.1f} | {paired_ratio(runs['keep'], runs['forward']):.2f}x"
+                          f" | {peak:.0f} | {s_mem:.2f} / {k_mem:.0f} |",
                           flush=True)
                 del plain
 

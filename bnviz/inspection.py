@@ -8,15 +8,18 @@ How it works, and why:
   applied to the copy only, so any number of threads can inspect one shared model with
   different modes at once and the caller's model comes back exactly as it was (weights,
   buffers, training flags, hooks). ``commit=True`` copies the running-stat update back.
-* **One forward, hooks on the copy.** All running buffers are snapshotted ("before") in one
-  copy just before the forward. A forward hook per layer measures what needs the
-  activation itself -- per-channel sums and the extremes of ``y - (x - mean) * scale``
-  (:func:`bnviz.manual_bn.probe_layer`: one compiled call reading x and y once or twice,
-  :mod:`bnviz.probe_kernel`, or a few eager passes over a reused scratch buffer where that
-  does not apply). Everything per-channel after that (statistics, the manual
-  running update, differences, copies for the report) is done for all layers at once
-  after the forward (:func:`bnviz.manual_bn.summarise`): on small inputs the fixed cost
-  of many tiny tensor ops per layer, not memory traffic, is what an inspection pays.
+* **One forward, each BN layer wrapped on the copy.** All running buffers are
+  snapshotted ("before") in one copy just before the forward. Each BN layer's forward is
+  wrapped (an instance ``forward``: hooks would put every call on ``nn.Module``'s slow
+  path) and measures what needs the activation itself right after the layer ran. On the
+  CPU that is one call of the compiled probe (:mod:`bnviz.probe_kernel`), which reads x
+  and y once or twice and writes the finished per-channel statistics and differences into
+  network-wide blocks (:func:`bnviz.manual_bn.block_checks`). Elsewhere (CUDA, float64, a
+  layer called twice) :func:`bnviz.manual_bn.probe_layer` takes per-channel sums and the
+  extremes of ``y - (x - mean) * scale`` in a few eager passes over a reused scratch
+  buffer, and the rest is done for all those layers at once after the forward
+  (:func:`bnviz.manual_bn.summarise`). On small inputs the fixed cost of many tiny
+  tensor ops and Python calls per layer, not memory traffic, is what an inspection pays.
 * **Copy-on-write, not clone-always.** Tensors kept for display are held by reference. A
   thread-local :class:`~torch.overrides.TorchFunctionMode` sees every torch call of the
   forward; when an *in-place* op (``ReLU(inplace=True)``, ``out += identity``) is about to
@@ -372,7 +375,21 @@ class _CopyInfo:
     scratch: manual_bn.Scratch = field(default_factory=manual_bn.Scratch)
     consumers: dict[tuple, dict[str, tuple[str | None, bool | None]]] = field(
         default_factory=dict)
-    hooked: bool = False
+    probed: bool = False  # each BN layer's forward runs through _install_probe's wrapper
+    #: ``other_modules`` of the last run: with "eval" twice in a row, the non-BN modules'
+    #: flags are still False and only the BN layers' are reset
+    flags: str | None = None
+    #: the report's copies of every layer's weight and bias, made once per copy: a pooled
+    #: copy is retired when a parameter changes (:func:`_scan`), so they never go stale
+    params_report: dict[str, tuple] | None = None
+
+    @functools.cached_property
+    def bn_pairs(self) -> list[tuple[weakref.ReferenceType, _BatchNorm]]:
+        return [(ref, m) for ref, m in self.pairs if isinstance(m, _BatchNorm)]
+
+    @functools.cached_property
+    def names_by_id(self) -> dict[int, str]:
+        return {id(m): n for n, m in self.bns.items()}
     session: Any = None  # the _Session of the forward running on this copy, if any
 
 
@@ -510,6 +527,7 @@ _POOL = _CopyPool()
 
 
 _BN_SETTINGS = ("track_running_stats", "momentum", "eps")
+_F32 = torch.float32
 
 
 def _reset_copy(private: torch.nn.Module) -> None:
@@ -569,9 +587,14 @@ class _FlatRun:
     """
 
     op: Any  # torch.ops.bnviz.probe_into.default
-    out: torch.Tensor  # (4, width) float32
-    maxima: torch.Tensor  # (2, layers) float64
-    #: layer -> (first column, layer index, weight, bias, eps, eval-mode scale or None)
+    #: (6, width) float32: batch mean, biased and unbiased variance, max |manual - native|,
+    #: manual new running mean and variance (layers that update them; only 4 rows when
+    #: no layer does)
+    out: torch.Tensor
+    #: (3, layers) float64: largest difference, largest E[y^2], largest update difference
+    maxima: torch.Tensor
+    #: layer -> (first column, layer index, weight, bias, eps, eval-mode scale or None,
+    #: running mean and variance before the forward if the layer will update them, or None)
     args: dict[str, tuple]
     offsets: dict[str, int]  # layer -> its first column
     index: dict[str, int]  # layer -> its column of maxima
@@ -600,15 +623,22 @@ def _flat_run(bns: dict[str, _BatchNorm], snapshot: dict[str, dict],
         weight = m._parameters.get("weight")
         bias = m._parameters.get("bias")
         ok = fits(weight) and fits(bias)
-        if snapshot[name]["stats_used"] == "running":
+        before = snapshot[name]
+        if before["stats_used"] == "running":
             scale = scales.get(name)
             ok = ok and scale is not None and fits(scale) and fits(m._buffers["running_mean"])
+        update = None
+        if before["updates"]:
+            update = (before["running_mean"], before["running_var"])
+            ok = ok and all(t is not None and fits(t) for t in (
+                *update, m._buffers["running_mean"], m._buffers["running_var"]))
         if ok:
-            args[name] = (width, i, weight, bias, float(m.eps), scale)
+            args[name] = (width, i, weight, bias, float(m.eps), scale, update)
         width += m.num_features
+    updating = any(a[-1] is not None for a in args.values())
     return _FlatRun(op=torch.ops.bnviz.probe_into.default,
-                    out=torch.empty((4, width), dtype=f32),
-                    maxima=torch.empty((2, len(bns)), dtype=torch.float64), args=args,
+                    out=torch.empty((6 if updating else 4, width), dtype=f32),
+                    maxima=torch.empty((3, len(bns)), dtype=torch.float64), args=args,
                     offsets=offsets, index=index)
 
 
@@ -651,12 +681,12 @@ class _Pending:
 
 
 class _Session(TorchFunctionMode):
-    """Hooks + torch-function interception for one forward of the private copy.
+    """Per-layer steps + torch-function interception for one forward of the private copy.
 
-    The hooks are registered once on each pooled copy and forward to the copy's current
-    session. The torch-function mode (entered only when needed, see :func:`_run_on_copy`)
-    names the activation consuming each BN output and clones kept tensors before an
-    in-place op overwrites them.
+    Each BN layer's wrapped forward (installed once per pooled copy, :func:`_install_probe`)
+    calls the copy's current session before and after the layer. The torch-function mode
+    (entered only when needed, see :func:`_run_on_copy`) names the activation consuming
+    each BN output and clones kept tensors before an in-place op overwrites them.
     """
 
     def __init__(self, names: dict[int, str], keep: set[str], device: torch.device,
@@ -668,6 +698,8 @@ class _Session(TorchFunctionMode):
         self.flat = flat
         # layer -> compiled-probe arguments; a layer leaves it when it stops fitting them
         self.flat_args: dict[str, tuple] = dict(flat.args) if flat is not None else {}
+        #: layer -> running-update factor, for layers whose update the blocks checked
+        self.block_factors: dict[str, float] = {}
         self.names = names
         self.keep = keep
         self.device = device
@@ -681,8 +713,8 @@ class _Session(TorchFunctionMode):
         self.current: str | None = None
         self.order: list[str] = []
 
-    # forward pre-hook: the layer's state as this call starts
-    def pre_hook(self, module: _BatchNorm, args):
+    # before the layer's own forward: its state as this call starts
+    def before_call(self, module: _BatchNorm) -> str:
         with torch._C.DisableTorchFunction():
             name = self.names[id(module)]
             self.current = name
@@ -695,7 +727,7 @@ class _Session(TorchFunctionMode):
                     else int(module.num_batches_tracked),
                     **_layer_state(module),
                 }
-                return
+                return name
             # Buffers and state were taken for every layer just before the forward; the
             # state is re-read only if the model's own code changed the layer since.
             before = self.snapshot[name]
@@ -704,23 +736,18 @@ class _Session(TorchFunctionMode):
                 before = {**before, **_layer_state(module)}
                 self.flat_args.pop(name, None)
             self.before[name] = before
+            return name
 
-    def hook(self, module: _BatchNorm, args, output):
+    # after it: measure the call
+    def after_call(self, name: str, module: _BatchNorm, args, output):
         with torch._C.DisableTorchFunction():
-            name = self.names[id(module)]
             x = args[0]
             fast = self.flat_args.get(name)
-            if fast is not None and name not in self.records and manual_bn.kernel_applies(
-                    x, output):
-                # The common case: the compiled probe writes this layer's finished check
-                # into its columns of the network-wide blocks (_FlatRun); None marks it.
-                offset, index, weight, bias, eps, scale = fast
-                flat = self.flat
-                flat.op(x, output, flat.out, flat.maxima, offset, index,  # type: ignore
-                        weight, bias, eps, None if scale is None else module.running_mean,
-                        scale)
-                probe = None
-            else:
+            # The common case: the compiled probe writes this layer's finished check into
+            # its columns of the network-wide blocks (_FlatRun); a probe of None marks it.
+            probe = None
+            if fast is None or name in self.records or not self._into_blocks(
+                    name, fast, module, x, output):
                 probe = self._probe(name, module, x, output)
             rec = {"probe": probe, "input_shape": tuple(x.shape)}
             if name in self.keep:
@@ -733,6 +760,37 @@ class _Session(TorchFunctionMode):
             self.order.append(name)
             if self.detect:
                 self.pending.append(_Pending(name, weakref.ref(output)))
+
+    def _into_blocks(self, name: str, fast: tuple, module: _BatchNorm, x, output) -> bool:
+        """Check the layer with the compiled probe into the blocks; False if it cannot.
+
+        Only the cheap tests are made here; the operator validates shapes, devices and
+        sizes itself before it writes anything, and says no with a RuntimeError.
+        """
+        if not (x.dtype is _F32 and output.dtype is _F32 and x.is_contiguous()
+                and output.is_contiguous()):
+            return False
+        offset, index, weight, bias, eps, scale, update = fast
+        flat = self.flat
+        buffers = module._buffers
+        factor = 0.0
+        if update is not None:
+            momentum = self.before[name]["momentum"]
+            nbt = None if momentum is not None else int(buffers["num_batches_tracked"])
+            factor = manual_bn.running_update_factor(momentum, nbt)
+            before_mean, before_var = update
+            after_mean, after_var = buffers["running_mean"], buffers["running_var"]
+        else:
+            before_mean = before_var = after_mean = after_var = None
+        try:
+            flat.op(x, output, flat.out, flat.maxima, offset, index,  # type: ignore[union-attr]
+                    weight, bias, eps, None if scale is None else buffers["running_mean"],
+                    scale, before_mean, before_var, after_mean, after_var, factor)
+        except RuntimeError:
+            return False
+        if update is not None:
+            self.block_factors[name] = factor
+        return True
 
     def _probe(self, name: str, module: _BatchNorm, x, output) -> manual_bn.Probe:
         use_running = self.before[name]["stats_used"] == "running"
@@ -966,16 +1024,27 @@ def _run(module, loaded, model_input, preprocessing, requested, dev, keep, other
         _POOL.release(module, dev, private, sig)
 
 
-def _dispatch_pre(info: _CopyInfo):
-    def pre_hook(module, args):
-        return info.session.pre_hook(module, args)  # type: ignore[union-attr]
-    return pre_hook
+def _install_probe(info: _CopyInfo, module: _BatchNorm) -> None:
+    """Run ``module``'s own forward between the current session's before/after steps.
 
+    Installed once per pooled copy as an instance ``forward`` instead of a forward pre-hook
+    and a forward hook: with hooks registered, every call takes ``nn.Module``'s slow path
+    (~20 us a layer inside a real forward; 2 ms of a 38 ms batch-1 efficientnet_lite0
+    forward), which is more than the compiled check of a small layer costs. Outside an
+    inspection (no session) it is the layer's own forward.
+    """
+    native = module.forward  # the class's forward, or one the model set on the instance
 
-def _dispatch_post(info: _CopyInfo):
-    def hook(module, args, output):
-        return info.session.hook(module, args, output)  # type: ignore[union-attr]
-    return hook
+    def forward(*args, **kwargs):
+        session = info.session
+        if session is None:
+            return native(*args, **kwargs)
+        name = session.before_call(module)
+        output = native(*args, **kwargs)
+        session.after_call(name, module, args, output)
+        return output
+
+    module.__dict__["forward"] = forward
 
 
 def _run_on_copy(private, module, loaded, model_input, preprocessing, requested, dev, keep,
@@ -984,30 +1053,32 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
     # Training flags: the original's for BN layers, eval for the rest unless kept. Written
     # to __dict__ directly: nn.Module.__setattr__ costs ~5 us, times ~250 modules.
     keep_flags = other_modules == "keep"
-    for ref, m in info.pairs:
+    for ref, m in (info.bn_pairs if info.flags == other_modules == "eval" else info.pairs):
         orig = ref()
         m.__dict__["training"] = orig.training if (keep_flags or isinstance(m, _BatchNorm)) \
             else False
+    info.flags = other_modules
     private_bns = info.bns
     for name, mode in requested.items():
         apply_mode(private_bns[name], mode)
-    if not info.hooked:
+    if not info.probed:
         for m in private_bns.values():
-            m.register_forward_pre_hook(_dispatch_pre(info))
-            m.register_forward_hook(_dispatch_post(info))
-        info.hooked = True
+            _install_probe(info, m)
+        info.probed = True
 
     # What consumes each BN output (the activation, in place or not) is found by watching
     # every torch call of the forward -- a Python call per op, ~20% of a batch-1 forward.
     # It only depends on the code path, so it is learned once per (training flags, input
     # shape) and reused; a forward that keeps tensors always watches (copy-on-write).
-    consumers_key = (tuple(m.training for _, m in info.pairs), tuple(model_input.shape))
+    flags_of = private_bns.values() if keep_flags is False else (m for _, m in info.pairs)
+    consumers_key = (other_modules, tuple(m.training for m in flags_of),
+                     tuple(model_input.shape))
     known = info.consumers.get(consumers_key)
     detect = bool(keep) or known is None
 
     snapshot = _snapshot(private_bns)
     scales = _running_scales(private_bns, snapshot)
-    session = _Session({id(m): n for n, m in private_bns.items()}, keep, dev, info.scratch,
+    session = _Session(info.names_by_id, keep, dev, info.scratch,
                        snapshot, detect, scales, _flat_run(private_bns, snapshot, scales, dev))
     info.session = session
     inp = model_input.to(dev)
@@ -1040,7 +1111,7 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
         for n, rec in session.records.items():
             rec["activation"], rec["activation_inplace"] = known.get(n, (None, None))
 
-    layers = _layer_reports(session, private_bns, requested)
+    layers = _layer_reports(session, private_bns, requested, info)
     notes: dict[str, Any] = {}
     if loaded is not None:
         notes.update(loaded.notes)
@@ -1089,9 +1160,34 @@ def _snapshot(bns: dict[str, _BatchNorm]) -> dict[str, dict]:
     for i, (name, m) in enumerate(bns.items()):
         state = m.__dict__
         out[name] = {"running_mean": stats[i], "running_var": stats[k + i], "nbt": nbt[i],
+                     "held": _held(bufs[i]),
                      **_state_of(state["training"], state["track_running_stats"],
                                  state["momentum"], rm[i] is not None and rv[i] is not None)}
     return out
+
+
+def _held(buffers: dict) -> tuple:
+    """The layer's buffer objects and their version counters: if both are the same after
+    the forward, nothing wrote the buffers and the report's copies from before still hold."""
+    return tuple((t, t._version) if t is not None else None
+                 for t in (buffers.get("running_mean"), buffers.get("running_var"),
+                           buffers.get("num_batches_tracked")))
+
+
+def _unchanged(before: dict, buffers: dict) -> bool:
+    """Whether a layer's buffers are as :func:`_snapshot` copied them (see :func:`_held`)."""
+    held = before.get("held")
+    if held is None or before["updates"]:
+        return False
+    for entry, key in zip(held, ("running_mean", "running_var", "num_batches_tracked"),
+                          strict=True):
+        now = buffers.get(key)
+        if entry is None:
+            if now is not None:
+                return False
+        elif now is not entry[0] or now._version != entry[1]:
+            return False
+    return True
 
 
 def _layer_state(module: _BatchNorm) -> dict[str, Any]:
@@ -1204,21 +1300,45 @@ def _as_plain_bn(root: torch.nn.Module, name: str, m: _BatchNorm) -> _BatchNorm:
     return plain
 
 
-def _layer_reports(session: _Session, bns: dict[str, _BatchNorm],
-                   requested) -> list[LayerReport]:
+def _params_report(info: _CopyInfo, bns: dict[str, _BatchNorm]) -> dict[str, tuple]:
+    """Every layer's (weight, bias) copies for reports, made once per pooled copy.
+
+    Parameters cannot change while a copy is pooled (:func:`_scan` retires it), so the
+    reports made from one copy share these tensors. Treat report tensors as read-only.
+    """
+    if info.params_report is None:
+        params = [m._parameters for m in bns.values()]
+        copies = _report_tensors([p.get("weight") for p in params]
+                                 + [p.get("bias") for p in params])
+        k = len(params)
+        info.params_report = {n: (copies[i], copies[k + i]) for i, n in enumerate(bns)}
+    return info.params_report
+
+
+def _layer_reports(session: _Session, bns: dict[str, _BatchNorm], requested,
+                   info: _CopyInfo) -> list[LayerReport]:
     """Build every layer's report from the probes, with vectorised arithmetic and copies."""
     order = session.order
     checks = _checks(session, bns, order)
     mods = [bns[n] for n in order]
-    k = len(mods)
     bufs = [m._buffers for m in mods]
-    params = [m._parameters for m in mods]
-    after = _report_tensors([b.get("running_mean") for b in bufs]
-                            + [b.get("running_var") for b in bufs]
-                            + [p.get("weight") for p in params] + [p.get("bias") for p in params])
-    nbt_after = _ints([b.get("num_batches_tracked") for b in bufs])
-    updates = _manual_updates(
-        [session.before[n] for n in order], checks, after[:k], after[k:2 * k], nbt_after)
+    befores = [session.before[n] for n in order]
+    # After the forward: buffers nothing wrote (eval mode) keep the copies made before it;
+    # the others are copied now, all in one go.
+    rm_after = [b["running_mean"] for b in befores]
+    rv_after = [b["running_var"] for b in befores]
+    nbt_after = [b["nbt"] for b in befores]
+    moved = [i for i, (before, buffers) in enumerate(zip(befores, bufs, strict=True))
+             if not _unchanged(before, buffers)]
+    if moved:
+        copies = _report_tensors([bufs[i].get("running_mean") for i in moved]
+                                 + [bufs[i].get("running_var") for i in moved])
+        counts = _ints([bufs[i].get("num_batches_tracked") for i in moved])
+        for j, i in enumerate(moved):
+            rm_after[i], rv_after[i], nbt_after[i] = copies[j], copies[len(moved) + j], counts[j]
+    params = _params_report(info, bns)
+    updates = _manual_updates(befores, checks, rm_after, rv_after, nbt_after,
+                              _block_updates(session, bns, order))
 
     reports = []
     for i, name in enumerate(order):
@@ -1249,12 +1369,12 @@ def _layer_reports(session: _Session, bns: dict[str, _BatchNorm],
             batch_var_unbiased=check.batch.var_unbiased,
             running_mean_before=before["running_mean"],
             running_var_before=before["running_var"],
-            running_mean_after=after[i],
-            running_var_after=after[k + i],
+            running_mean_after=rm_after[i],
+            running_var_after=rv_after[i],
             num_batches_tracked_before=before["nbt"],
             num_batches_tracked_after=nbt_after[i],
-            weight=after[2 * k + i],
-            bias=after[3 * k + i],
+            weight=params[name][0],
+            bias=params[name][1],
             update_factor=factor,
             manual_running_mean_after=man_m,
             manual_running_var_after=man_v,
@@ -1273,19 +1393,43 @@ def _layer_reports(session: _Session, bns: dict[str, _BatchNorm],
     return reports
 
 
-def _manual_updates(befores, checks, rm_after, rv_after, nbt_after):
+def _block_updates(session: _Session, bns: dict[str, _BatchNorm],
+                   order: list[str]) -> dict[int, tuple]:
+    """``(factor, manual mean, manual var, max abs diff)`` by report position, for the layers
+    whose running-stat update the compiled probe checked in its blocks during the forward."""
+    factors = session.block_factors
+    flat = session.flat
+    if not factors or flat is None:
+        return {}
+    positions = [i for i, n in enumerate(order)
+                 if n in factors and session.records[n]["probe"] is None]
+    if not positions:
+        return {}
+    names = [order[i] for i in positions]
+    columns = manual_bn.block_columns(flat.out[4:6], [flat.offsets[n] for n in names],
+                                      [bns[n].num_features for n in names])
+    diffs = flat.maxima[2].tolist()
+    return {i: (factors[n], mean, var, diffs[flat.index[n]])
+            for i, n, (mean, var) in zip(positions, names, columns, strict=True)}
+
+
+def _manual_updates(befores, checks, rm_after, rv_after, nbt_after, done=None):
     """The running-stat update each layer should have made, against what it made.
 
     For every layer that updated its buffers: ``factor`` (momentum, or 1/num_batches_tracked
     for momentum=None), the manual new running mean/var (:func:`manual_bn.manual_running_update`
     in float64, one vectorised call for all layers) and the max difference from the buffers.
     Returns ``(factor, manual_mean, manual_var, max_abs_diff)`` per layer, Nones where the
-    layer did not update.
+    layer did not update. ``done`` has these already for some positions (the compiled
+    probe's blocks, :func:`_block_updates`, same formula).
     """
     result: list[tuple] = [(None, None, None, None)] * len(befores)
+    done = done or {}
     idx = []
     for i, before in enumerate(befores):
-        if before["updates"]:
+        if i in done:
+            result[i] = done[i]
+        elif before["updates"]:
             factor = manual_bn.running_update_factor(before["momentum"], nbt_after[i])
             result[i] = (factor, None, None, None)
             if checks[i].batch.var_unbiased is not None and rm_after[i] is not None:
@@ -1313,7 +1457,8 @@ def _manual_updates(befores, checks, rm_after, rv_after, nbt_after):
         dtype = torch.promote_types(dtype, rm_after[i].dtype)
     block = torch.stack([man_m, man_v]).to(dtype)
     for i, part, diff in zip(idx, block.split(sizes.tolist(), dim=1), diffs, strict=True):
-        m_c, v_c = part.unbind(0)
+        own = rm_after[i].dtype  # each layer's values in its own buffers' dtype
+        m_c, v_c = part.unbind(0) if own == dtype else part.to(own).unbind(0)
         result[i] = (result[i][0], m_c, v_c, diff)
     return result
 

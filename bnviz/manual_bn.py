@@ -343,15 +343,29 @@ def summarise(probes: list[Probe], device: torch.device | str | None = None) -> 
     return results  # type: ignore[return-value]
 
 
+def block_columns(rows: torch.Tensor, starts: list[int],
+                  sizes: list[int]) -> list[tuple[torch.Tensor, ...]]:
+    """Each layer's columns ``starts[i]:starts[i] + sizes[i]`` of a (rows, width) block, as one
+    view per row. When the layers tile the block in order (the usual forward), one ``split``
+    per row makes all the views."""
+    contiguous = starts[0] == 0 and sum(sizes) == rows.shape[1] and all(
+        b == a + n for a, b, n in zip(starts, starts[1:], sizes, strict=False))
+    if contiguous:
+        split = [row.split(sizes) for row in rows]
+        return [tuple(row[i] for row in split) for i in range(len(sizes))]
+    return [tuple(rows[:, a:a + n]) for a, n in zip(starts, sizes, strict=True)]
+
+
 def block_checks(out: torch.Tensor, maxima: torch.Tensor, starts: list[int], sizes: list[int],
                  counts: list[int], indices: list[int]) -> list[LayerCheck]:
     """:class:`LayerCheck` objects from the blocks the compiled probe fills during a forward.
 
     ``torch.ops.bnviz.probe_into`` finishes each layer inside the hook: the arithmetic of
     :func:`summarise` (same formula, same order, float64) runs per channel as the channel is
-    read, into network-wide blocks -- ``out`` (4, width), float32 rows batch mean, biased
-    variance, unbiased variance, max |manual - native|; ``maxima`` (2, layers), float64
-    rows each layer's largest difference and largest ``E[y^2]``. What is left here is
+    read, into network-wide blocks -- ``out`` (at least 4 rows by width), float32 rows batch
+    mean, biased variance, unbiased variance, max |manual - native|; ``maxima`` (at least 2
+    rows by layers), float64 rows each layer's largest difference and largest ``E[y^2]``
+    (further rows, the running-stat update's, are :mod:`bnviz.inspection`'s). What is left here is
     slicing: on a batch-1 forward, the dozens of tensor ops and concatenations of
     :func:`summarise` cost more than the check itself.
 
@@ -360,14 +374,8 @@ def block_checks(out: torch.Tensor, maxima: torch.Tensor, starts: list[int], siz
     """
     if not sizes:
         return []
-    diffs, y_sqs = maxima.tolist()
-    contiguous = starts[0] == 0 and sum(sizes) == out.shape[1] and all(
-        b == a + n for a, b, n in zip(starts, starts[1:], sizes, strict=False))
-    if contiguous:  # the usual forward: every layer once, in network order
-        rows = [row.split(sizes) for row in out]
-        columns = [tuple(row[i] for row in rows) for i in range(len(sizes))]
-    else:
-        columns = [tuple(out[:, a:a + n]) for a, n in zip(starts, sizes, strict=True)]
+    diffs, y_sqs = maxima[:2].tolist()
+    columns = block_columns(out[:4], starts, sizes)
     tiny = torch.finfo(out.dtype).tiny
     checks = []
     for (mean, var, unbiased, channel_diff), count, i in zip(columns, counts, indices,

@@ -629,3 +629,67 @@ def test_mixed_affine_and_dtypes_in_one_network(device):
                 assert layer.running_update_max_abs_diff < 1e-5
                 assert torch.equal(layer.running_mean_after, after[layer.name][0])
         assert report.layer("a").weight is None and report.layer("b").weight.dtype == torch.float64
+
+
+class _WritesItsBuffers(nn.Module):
+    """An eval-mode forward whose own code writes a BN layer's buffers (in place, and by
+    replacing the tensor) before calling it: "after" must show what the layer ended with."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.inplace, self.replaced, self.untouched = (nn.BatchNorm2d(4) for _ in range(3))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.inplace.running_mean.add_(1.0)
+        self.replaced.running_var = self.replaced.running_var * 2.0
+        x = self.inplace(self.conv(x))
+        return self.untouched(self.replaced(x))
+
+
+def test_running_stats_after_an_eval_forward_follow_writes_by_the_model():
+    """Buffers nothing wrote keep the report's copies from before the forward (one copy,
+    not two); any write -- in place or by replacing the tensor -- is seen."""
+    net = _WritesItsBuffers().eval()
+    x = torch.randn(2, 3, 5, 5)
+    for _ in range(2):  # a fresh private copy, then a pooled one
+        report = bnviz.inspect(net, x, modes="eval", keep_tensors=False)
+        inplace, replaced, untouched = (report.layer(n)
+                                        for n in ("inplace", "replaced", "untouched"))
+        torch.testing.assert_close(inplace.running_mean_after, inplace.running_mean_before + 1)
+        torch.testing.assert_close(replaced.running_var_after, replaced.running_var_before * 2)
+        assert torch.equal(untouched.running_mean_after, net.untouched.running_mean)
+        assert untouched.running_mean_after is untouched.running_mean_before
+        assert inplace.num_batches_tracked_after == inplace.num_batches_tracked_before == 0
+    # and the caller's model was not touched by either forward
+    assert torch.equal(net.inplace.running_mean, torch.zeros(4))
+    assert torch.equal(net.replaced.running_var, torch.ones(4))
+
+
+def test_other_modules_eval_and_keep_alternate():
+    """The non-BN flags are reset only when ``other_modules`` changes: alternating "keep"
+    (a Dropout in train mode stays random) and "eval" (deterministic) must never leak."""
+
+    class WithDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.drop(x))
+
+    net = WithDropout().train()
+    x = torch.randn(4, 3, 6, 6) + 2.0
+    want = x.mean(dim=(0, 2, 3))
+    for other in ("eval", "keep", "eval", "eval", "keep", "eval"):
+        means = [bnviz.inspect(net, x, modes="train", other_modules=other,
+                               keep_tensors=False).layer("bn").batch_mean for _ in range(2)]
+        if other == "eval":
+            torch.testing.assert_close(means[0], want)
+            assert torch.equal(means[0], means[1])
+        else:
+            assert not torch.allclose(means[0], want, atol=1e-3)
+            assert not torch.equal(means[0], means[1])
+    assert net.drop.training and net.bn.training

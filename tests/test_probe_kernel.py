@@ -206,8 +206,11 @@ def test_a_compiler_without_openmp_still_builds_a_working_check(monkeypatch, tmp
 
 
 def _blocks(width: int, layers: int):
-    return torch.full((4, width), float("nan")), torch.full((2, layers), float("nan"),
+    return torch.full((6, width), float("nan")), torch.full((3, layers), float("nan"),
                                                              dtype=torch.float64)
+
+
+NO_UPDATE = (None, None, None, None, 0.0)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -234,7 +237,8 @@ def test_finished_checks_in_blocks_equal_the_summary_of_the_same_probes(train):
     for i in reversed(range(len(cases))):
         x, y, w, b, rm, rv = cases[i]
         scale = None if train else (torch.rsqrt(rv + 1e-3) * (w if w is not None else 1.0))
-        op(x, y, out, maxima, starts[i], i + 1, w, b, 1e-3, None if train else rm, scale)
+        op(x, y, out, maxima, starts[i], i + 1, w, b, 1e-3, None if train else rm, scale,
+           *NO_UPDATE)
     counts = [math.prod(x.shape) // x.shape[1] for x, *_ in cases]
     found = manual_bn.block_checks(out, maxima, starts, sizes, counts,
                                    list(range(1, len(cases) + 1)))
@@ -261,11 +265,15 @@ def test_probe_into_refuses_columns_outside_its_blocks():
     out, maxima = _blocks(4, 2)
     op = torch.ops.bnviz.probe_into.default
     with pytest.raises(RuntimeError, match="do not fit a block of 4"):
-        op(x, y, out, maxima, 2, 0, w, b, 1e-3, None, None)
+        op(x, y, out, maxima, 2, 0, w, b, 1e-3, None, None, *NO_UPDATE)
     with pytest.raises(RuntimeError, match="layer 2 out of range"):
-        op(x, y, out, maxima, 0, 2, w, b, 1e-3, None, None)
+        op(x, y, out, maxima, 0, 2, w, b, 1e-3, None, None, *NO_UPDATE)
     with pytest.raises(RuntimeError, match="float64 CPU block"):
-        op(x, y, out, maxima.float(), 0, 0, w, b, 1e-3, None, None)
+        op(x, y, out, maxima.float(), 0, 0, w, b, 1e-3, None, None, *NO_UPDATE)
+    with pytest.raises(RuntimeError, match="needs a block of 6 rows"):
+        op(x, y, out[:4].contiguous(), maxima, 0, 0, w, b, 1e-3, None, None, rm, rv, rm, rv, 0.1)
+    with pytest.raises(RuntimeError, match="needs all four"):
+        op(x, y, out, maxima, 0, 0, w, b, 1e-3, None, None, rm, rv, None, None, 0.1)
 
 
 class _Irregular(nn.Module):
@@ -324,11 +332,17 @@ def test_irregular_forwards_mix_block_and_general_checks(mode, monkeypatch):
     for a, s, e in zip(blocks.layers, single.layers, eager.layers, strict=True):
         assert a.name == s.name == e.name
         for field in ("batch_mean", "batch_var", "batch_var_unbiased", "channel_max_abs_diff",
-                      "running_mean_after", "running_var_after"):
-            assert torch.equal(getattr(a, field), getattr(s, field)), (a.name, field)
-            torch.testing.assert_close(getattr(a, field), getattr(e, field), rtol=1e-4,
-                                       atol=2e-5)
+                      "running_mean_after", "running_var_after", "manual_running_mean_after",
+                      "manual_running_var_after"):
+            got, want = getattr(a, field), getattr(s, field)
+            if want is None:
+                assert got is None and getattr(e, field) is None, (a.name, field)
+                continue
+            assert torch.equal(got, want), (a.name, field)
+            torch.testing.assert_close(got, getattr(e, field), rtol=1e-4, atol=2e-5)
         assert a.max_abs_diff == s.max_abs_diff and a.max_rel_diff == s.max_rel_diff
+        assert a.update_factor == s.update_factor == e.update_factor
+        assert a.running_update_max_abs_diff == s.running_update_max_abs_diff
         assert a.max_rel_diff < 1e-5 and e.max_rel_diff < 1e-5
 
 
@@ -356,7 +370,49 @@ def test_lite0_inspection_through_the_blocks_equals_per_layer_probes(lite, monke
                 single = bnviz.inspect(lite, raw, modes=mode, keep_tensors=False)
             for a, s in zip(blocks.layers, single.layers, strict=True):
                 for field in ("batch_mean", "batch_var", "batch_var_unbiased",
-                              "channel_max_abs_diff", "running_mean_after"):
-                    assert torch.equal(getattr(a, field), getattr(s, field)), (a.name, field)
+                              "channel_max_abs_diff", "running_mean_after",
+                              "manual_running_mean_after", "manual_running_var_after"):
+                    got, want = getattr(a, field), getattr(s, field)
+                    assert (got is None and want is None) or torch.equal(got, want), field
                 assert (a.max_abs_diff, a.max_rel_diff) == (s.max_abs_diff, s.max_rel_diff)
+                assert (a.update_factor, a.running_update_max_abs_diff) == (
+                    s.update_factor, s.running_update_max_abs_diff)
+                if mode.startswith("train"):
+                    assert a.running_update_max_abs_diff < 1e-4  # float32 rounding of ~100
     assert calls == [49, 49]  # every layer, from the blocks, in both modes
+
+
+def test_a_layer_the_operator_refuses_is_checked_the_general_way(monkeypatch):
+    """The hook only makes cheap tests before calling the operator; when the operator itself
+    refuses a layer (RuntimeError, raised before it writes), that layer is probed the
+    general way and the report is the same as without the blocks."""
+    compiled_probe_or_skip()
+    from bnviz import inspection
+
+    net = _Irregular()
+    x = torch.randn(2, 4, 5, 5)
+    real_flat_run = inspection._flat_run
+    refused = []
+
+    def picky_flat_run(*args):
+        flat = real_flat_run(*args)
+        op = flat.op
+        twice_column = flat.offsets["twice"]
+
+        def refusing(x, y, out, maxima, offset, *rest):
+            if offset == twice_column:
+                refused.append(offset)
+                raise RuntimeError("bnviz::probe: refused for this test")
+            return op(x, y, out, maxima, offset, *rest)
+
+        flat.op = refusing
+        return flat
+
+    with probe_kernel.forced(True):
+        monkeypatch.setattr(inspection, "_flat_run", picky_flat_run)
+        picky = bnviz.inspect(net, x, modes="train", keep_tensors=False)
+        monkeypatch.setattr(inspection, "_flat_run", lambda *a: None)
+        single = bnviz.inspect(net, x, modes="train", keep_tensors=False)
+    assert refused  # the first call of "twice" was refused; its second call is general anyway
+    for a, s in zip(picky.layers, single.layers, strict=True):
+        assert torch.equal(a.batch_var, s.batch_var) and a.max_abs_diff == s.max_abs_diff

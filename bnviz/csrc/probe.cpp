@@ -326,30 +326,55 @@ inline double nan_max(double a, double b) { return (std::isnan(a) || a > b) ? a 
 // One layer of an inspection, finished: the arithmetic of manual_bn._summarise_columns
 // (same formula, same order, in double) done per channel right here, so the Python side
 // has nothing left to compute. Writes columns [offset, offset + C) of `out` (float32 rows:
-// batch mean, biased variance, unbiased variance, max |manual - native|) and column `layer`
-// of `maxima` (float64 rows: the layer's largest difference, its largest E[y^2]).
+// batch mean, biased variance, unbiased variance, max |manual - native|, and for a layer
+// that updated its running statistics the manual new running mean and variance) and column
+// `layer` of `maxima` (float64 rows: the layer's largest difference, its largest E[y^2], and
+// the largest |manual - native| of its running-stat update).
+//
+// The update check is inspection._manual_updates' (manual_bn.manual_running_update):
+//   new = (1 - factor) * before + factor * batch    (batch mean, unbiased variance)
+// from the statistics as the report holds them (float32), in double, against the buffers
+// BatchNorm just wrote (`after_mean`, `after_var`). `before_mean`/`before_var` are the
+// buffers as they were before the forward.
 void probe_into(const at::Tensor& x, const at::Tensor& y, at::Tensor& out, at::Tensor& maxima,
                 int64_t offset, int64_t layer, const c10::optional<at::Tensor>& weight,
                 const c10::optional<at::Tensor>& bias, double eps,
                 const c10::optional<at::Tensor>& running_mean,
-                const c10::optional<at::Tensor>& scale) {
+                const c10::optional<at::Tensor>& scale,
+                const c10::optional<at::Tensor>& before_mean,
+                const c10::optional<at::Tensor>& before_var,
+                const c10::optional<at::Tensor>& after_mean,
+                const c10::optional<at::Tensor>& after_var, double factor) {
   const Layer L = check_layer_args(x, y, weight, eps, running_mean, scale);
   const int64_t c = L.c, count = L.count;
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == 4 &&
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) >= 4 &&
                   out.is_contiguous() && out.device().is_cpu(),
-              "bnviz::probe_into: out must be a contiguous float32 CPU block (4, width)");
+              "bnviz::probe_into: out must be a contiguous float32 CPU block (4 or 6, width)");
   TORCH_CHECK(maxima.scalar_type() == at::kDouble && maxima.dim() == 2 &&
-                  maxima.size(0) == 2 && maxima.is_contiguous() && maxima.device().is_cpu(),
-              "bnviz::probe_into: maxima must be a contiguous float64 CPU block (2, layers)");
+                  maxima.size(0) == 3 && maxima.is_contiguous() && maxima.device().is_cpu(),
+              "bnviz::probe_into: maxima must be a contiguous float64 CPU block (3, layers)");
   const int64_t width = out.size(1), layers = maxima.size(1);
   TORCH_CHECK(offset >= 0 && offset + c <= width, "bnviz::probe_into: columns ", offset, "..",
               offset + c, " do not fit a block of ", width);
   TORCH_CHECK(layer >= 0 && layer < layers, "bnviz::probe_into: layer ", layer,
               " out of range for ", layers);
   const float* bp = optional_data(bias, c, "bias");
+  const float* b_m = optional_data(before_mean, c, "before_mean");
+  const float* b_v = optional_data(before_var, c, "before_var");
+  const float* a_m = optional_data(after_mean, c, "after_mean");
+  const float* a_v = optional_data(after_var, c, "after_var");
+  const bool update = b_m != nullptr;
+  TORCH_CHECK(update == (b_v != nullptr) && update == (a_m != nullptr) &&
+                  update == (a_v != nullptr),
+              "bnviz::probe_into: the running-stat update needs all four of before_mean, "
+              "before_var, after_mean and after_var");
+  TORCH_CHECK(!update || out.size(0) >= 6,
+              "bnviz::probe_into: the running-stat update needs a block of 6 rows");
+  TORCH_CHECK(!update || count > 1,
+              "bnviz::probe_into: no unbiased variance (one value per channel) to update with");
   float* o = out.data_ptr<float>() + offset;
   double* mx = maxima.data_ptr<double>();
-  std::vector<double> diff(c), ysq(c);
+  std::vector<double> diff(c), ysq(c), upd(update ? c : 0);
   const double n = double(count);
   at::parallel_for(0, c, grain_of(L), [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
@@ -363,19 +388,30 @@ void probe_into(const at::Tensor& x, const at::Tensor& y, at::Tensor& out, at::T
       diff[ch] = nan_max(r.hi - shift, shift - r.lo);
       const double d = mean - nm;
       ysq[ch] = std::max(sc * sc * (var + d * d) + 2.0 * sc * beta * d + beta * beta, 0.0);
-      o[ch] = static_cast<float>(mean);
+      const float mean32 = static_cast<float>(mean), unbiased32 = static_cast<float>(unbiased);
+      o[ch] = mean32;
       o[width + ch] = static_cast<float>(var);
-      o[2 * width + ch] = static_cast<float>(unbiased);
+      o[2 * width + ch] = unbiased32;
       o[3 * width + ch] = static_cast<float>(diff[ch]);
+      if (update) {
+        const double new_mean = (1.0 - factor) * double(b_m[ch]) + factor * double(mean32);
+        const double new_var = (1.0 - factor) * double(b_v[ch]) + factor * double(unbiased32);
+        upd[ch] = nan_max(std::abs(new_mean - double(a_m[ch])),
+                          std::abs(new_var - double(a_v[ch])));
+        o[4 * width + ch] = static_cast<float>(new_mean);
+        o[5 * width + ch] = static_cast<float>(new_var);
+      }
     }
   });
-  double dmax = 0.0, ymax = 0.0;  // like summarise's zero-initialised scatter_reduce
+  double dmax = 0.0, ymax = 0.0, umax = 0.0;  // like zero-initialised scatter_reduce amax
   for (int64_t ch = 0; ch < c; ++ch) {
     dmax = nan_max(diff[ch], dmax);
     ymax = nan_max(ysq[ch], ymax);
+    if (update) umax = nan_max(upd[ch], umax);
   }
   mx[layer] = dmax;
   mx[layers + layer] = ymax;
+  mx[2 * layers + layer] = update ? umax : NAN;
 }
 
 }  // namespace
@@ -385,7 +421,8 @@ TORCH_LIBRARY(bnviz, m) {
         "Tensor? scale) -> (Tensor, Tensor)");
   m.def("probe_into(Tensor x, Tensor y, Tensor(a!) out, Tensor(b!) maxima, int offset, "
         "int layer, Tensor? weight, Tensor? bias, float eps, Tensor? running_mean, "
-        "Tensor? scale) -> ()");
+        "Tensor? scale, Tensor? before_mean, Tensor? before_var, Tensor? after_mean, "
+        "Tensor? after_var, float factor) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bnviz, CPU, m) {
