@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import importlib
 import json
@@ -382,6 +383,9 @@ class _CopyInfo:
     #: the report's copies of every layer's weight and bias, made once per copy: a pooled
     #: copy is retired when a parameter changes (:func:`_scan`), so they never go stale
     params_report: dict[str, tuple] | None = None
+    layout: _BlockLayout | None = None  # the compiled probe's block columns (CPU copies)
+    #: the concatenated weights of the layers in eval mode, by layer names and dtype
+    gammas: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     @functools.cached_property
     def bn_pairs(self) -> list[tuple[weakref.ReferenceType, _BatchNorm]]:
@@ -600,46 +604,67 @@ class _FlatRun:
     index: dict[str, int]  # layer -> its column of maxima
 
 
-def _flat_run(bns: dict[str, _BatchNorm], snapshot: dict[str, dict],
-              scales: dict[str, torch.Tensor], dev: torch.device) -> _FlatRun | None:
+def _fits_block(t: torch.Tensor | None) -> bool:
+    """Whether the compiled probe takes ``t`` as a per-channel argument (or it is absent)."""
+    return t is None or (t.dtype == _F32 and t.device.type == "cpu" and t.is_contiguous())
+
+
+@dataclass
+class _BlockLayout:
+    """What of :class:`_FlatRun` depends only on the pooled copy: each layer's columns and
+    parameters (they cannot change while the copy is pooled, see :func:`_scan`)."""
+
+    #: (name, first column, index, module, weight, bias) of the layers whose parameters the
+    #: compiled probe takes
+    layers: list[tuple]
+    offsets: dict[str, int]
+    index: dict[str, int]
+    width: int
+
+    @classmethod
+    def of(cls, bns: dict[str, _BatchNorm]) -> _BlockLayout:
+        layers, offsets, index, width = [], {}, {}, 0
+        for i, (name, m) in enumerate(bns.items()):
+            offsets[name], index[name] = width, i
+            weight, bias = m._parameters.get("weight"), m._parameters.get("bias")
+            if _fits_block(weight) and _fits_block(bias):
+                layers.append((name, width, i, m, weight, bias))
+            width += m.num_features
+        return cls(layers, offsets, index, width)
+
+
+def _flat_run(info: _CopyInfo, snapshot: dict[str, dict], scales: dict[str, torch.Tensor],
+              dev: torch.device) -> _FlatRun | None:
     """The compiled probe's blocks for this forward, or None where it does not run (CUDA,
-    no kernel). Layers whose parameters it cannot take (float64, ...) are left out of
-    ``args`` and probed the general way."""
+    no kernel). Layers whose parameters or buffers it cannot take (float64, ...) are left
+    out of ``args`` and probed the general way."""
     if dev.type != "cpu" or not manual_bn.kernel_available():
         return None
-    f32 = torch.float32
-
-    def fits(t: torch.Tensor | None) -> bool:
-        return t is None or (t.dtype == f32 and t.device.type == "cpu" and t.is_contiguous())
-
+    if info.layout is None:
+        info.layout = _BlockLayout.of(info.bns)
+    layout = info.layout
+    fits = _fits_block
     args: dict[str, tuple] = {}
-    offsets: dict[str, int] = {}
-    index: dict[str, int] = {}
-    width = 0
-    for i, (name, m) in enumerate(bns.items()):
-        offsets[name] = width
-        index[name] = i
-        scale = None
-        weight = m._parameters.get("weight")
-        bias = m._parameters.get("bias")
-        ok = fits(weight) and fits(bias)
+    updating = False
+    for name, offset, i, m, weight, bias in layout.layers:
         before = snapshot[name]
+        scale = None
+        ok = True
         if before["stats_used"] == "running":
             scale = scales.get(name)
-            ok = ok and scale is not None and fits(scale) and fits(m._buffers["running_mean"])
+            ok = scale is not None and fits(scale) and fits(m._buffers["running_mean"])
         update = None
         if before["updates"]:
             update = (before["running_mean"], before["running_var"])
             ok = ok and all(t is not None and fits(t) for t in (
                 *update, m._buffers["running_mean"], m._buffers["running_var"]))
+            updating = updating or ok
         if ok:
-            args[name] = (width, i, weight, bias, float(m.eps), scale, update)
-        width += m.num_features
-    updating = any(a[-1] is not None for a in args.values())
+            args[name] = (offset, i, weight, bias, float(m.eps), scale, update)
     return _FlatRun(op=torch.ops.bnviz.probe_into.default,
-                    out=torch.empty((6 if updating else 4, width), dtype=f32),
-                    maxima=torch.empty((3, len(bns)), dtype=torch.float64), args=args,
-                    offsets=offsets, index=index)
+                    out=torch.empty((6 if updating else 4, layout.width), dtype=_F32),
+                    maxima=torch.empty((3, len(info.bns)), dtype=torch.float64), args=args,
+                    offsets=layout.offsets, index=layout.index)
 
 
 def _checks(session: _Session, bns: dict[str, _BatchNorm],
@@ -1077,9 +1102,9 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
     detect = bool(keep) or known is None
 
     snapshot = _snapshot(private_bns)
-    scales = _running_scales(private_bns, snapshot)
+    scales = _running_scales(private_bns, snapshot, info.gammas)
     session = _Session(info.names_by_id, keep, dev, info.scratch,
-                       snapshot, detect, scales, _flat_run(private_bns, snapshot, scales, dev))
+                       snapshot, detect, scales, _flat_run(info, snapshot, scales, dev))
     info.session = session
     inp = model_input.to(dev)
     t0 = time.perf_counter()
@@ -1213,8 +1238,8 @@ def _state_of(training: bool, track: bool, momentum: float | None,
     }
 
 
-def _running_scales(bns: dict[str, _BatchNorm],
-                    snapshot: dict[str, dict]) -> dict[str, torch.Tensor]:
+def _running_scales(bns: dict[str, _BatchNorm], snapshot: dict[str, dict],
+                    gammas: dict | None = None) -> dict[str, torch.Tensor]:
     """``weight / sqrt(running_var + eps)`` of every layer that will normalise with its
     running statistics, computed for all of them at once before the forward (in eval mode
     the forward does not touch the buffers, so this is exactly what BN will use)."""
@@ -1231,13 +1256,18 @@ def _running_scales(bns: dict[str, _BatchNorm],
         eps = torch.tensor([m.eps for m in mods], dtype=work, device=dev)
         var = torch.cat([m._buffers["running_var"] for m in mods]).to(work)
         scale = torch.rsqrt(var + eps.repeat_interleave(torch.tensor(sizes, device=dev)))
-        weights = [m._parameters.get("weight") for m in mods]
-        if all(w is None for w in weights):
-            part_of = scale
-        else:
-            part_of = scale * torch.cat([w if w is not None
-                                         else torch.ones(m.num_features, dtype=work, device=dev)
-                                         for m, w in zip(mods, weights, strict=True)]).to(work)
+        key = (tuple(group), work)
+        gamma = gammas.get(key) if gammas is not None else None
+        if gamma is None:  # the weights of these layers, ones where none: static per copy
+            weights = [m._parameters.get("weight") for m in mods]
+            gamma = torch.cat([w.detach() if w is not None
+                               else torch.ones(m.num_features, dtype=work, device=dev)
+                               for m, w in zip(mods, weights, strict=True)]).to(work)
+            if gammas is not None:
+                if len(gammas) >= 16:  # many different eval subsets (a class toggling)
+                    gammas.clear()
+                gammas[key] = gamma
+        part_of = scale * gamma
         for n, part in zip(group, part_of.split(sizes), strict=True):
             out[n] = part
     return out
@@ -1300,6 +1330,20 @@ def _as_plain_bn(root: torch.nn.Module, name: str, m: _BatchNorm) -> _BatchNorm:
     return plain
 
 
+def _new_report(fields: dict) -> LayerReport:
+    """``LayerReport(**fields)`` without the generated ``__init__``: binding its ~45
+    keyword arguments costs ~5 us, once per layer per inspection; the dict becomes the
+    instance's ``__dict__`` (~1 us). Every field must be given, and nothing else."""
+    if fields.keys() != _REPORT_FIELDS:
+        raise TypeError(f"LayerReport fields differ: {sorted(fields.keys() ^ _REPORT_FIELDS)}")
+    report = object.__new__(LayerReport)
+    report.__dict__ = fields
+    return report
+
+
+_REPORT_FIELDS = {f.name for f in dataclasses.fields(LayerReport)}
+
+
 def _params_report(info: _CopyInfo, bns: dict[str, _BatchNorm]) -> dict[str, tuple]:
     """Every layer's (weight, bias) copies for reports, made once per pooled copy.
 
@@ -1347,49 +1391,49 @@ def _layer_reports(session: _Session, bns: dict[str, _BatchNorm], requested,
         type_name = type(bn).__name__
         if isinstance(bn, _AnyDimBatchNorm):
             type_name = "SyncBatchNorm (as BatchNorm)"
-        reports.append(LayerReport(
-            name=name,
-            type=type_name,
-            index=i,
-            num_features=bn.num_features,
-            input_shape=rec["input_shape"],
-            mode=before["mode"],
-            mode_source="override" if name in requested else "model",
-            training=before["training"],
-            track_running_stats=before["track"],
-            has_running_stats=before["running_mean"] is not None,
-            momentum=before["momentum"],
-            eps=bn.eps,
-            affine=bn.affine,
-            stats_used=before["stats_used"],
-            updates_running_stats=before["updates"],
-            count=check.batch.count,
-            batch_mean=check.batch.mean,
-            batch_var=check.batch.var,
-            batch_var_unbiased=check.batch.var_unbiased,
-            running_mean_before=before["running_mean"],
-            running_var_before=before["running_var"],
-            running_mean_after=rm_after[i],
-            running_var_after=rv_after[i],
-            num_batches_tracked_before=before["nbt"],
-            num_batches_tracked_after=nbt_after[i],
-            weight=params[name][0],
-            bias=params[name][1],
-            update_factor=factor,
-            manual_running_mean_after=man_m,
-            manual_running_var_after=man_v,
-            running_update_max_abs_diff=diff,
-            max_abs_diff=check.max_abs_diff,
-            max_rel_diff=check.max_rel_diff,
-            channel_max_abs_diff=check.channel_max_abs_diff,
-            activation=rec.get("activation"),
-            activation_inplace=rec.get("activation_inplace"),
-            overwritten_by=rec.get("overwritten_by"),
-            input=_cpu(rec.get("input")),
-            output=_cpu(rec.get("output")),
-            activation_output=_cpu(rec.get("activation_output")),
-            output_reference=_cpu(rec.get("output_ref")),
-        ))
+        reports.append(_new_report({
+            "name": name,
+            "type": type_name,
+            "index": i,
+            "num_features": bn.num_features,
+            "input_shape": rec["input_shape"],
+            "mode": before["mode"],
+            "mode_source": "override" if name in requested else "model",
+            "training": before["training"],
+            "track_running_stats": before["track"],
+            "has_running_stats": before["running_mean"] is not None,
+            "momentum": before["momentum"],
+            "eps": bn.eps,
+            "affine": bn.affine,
+            "stats_used": before["stats_used"],
+            "updates_running_stats": before["updates"],
+            "count": check.batch.count,
+            "batch_mean": check.batch.mean,
+            "batch_var": check.batch.var,
+            "batch_var_unbiased": check.batch.var_unbiased,
+            "running_mean_before": before["running_mean"],
+            "running_var_before": before["running_var"],
+            "running_mean_after": rm_after[i],
+            "running_var_after": rv_after[i],
+            "num_batches_tracked_before": before["nbt"],
+            "num_batches_tracked_after": nbt_after[i],
+            "weight": params[name][0],
+            "bias": params[name][1],
+            "update_factor": factor,
+            "manual_running_mean_after": man_m,
+            "manual_running_var_after": man_v,
+            "running_update_max_abs_diff": diff,
+            "max_abs_diff": check.max_abs_diff,
+            "max_rel_diff": check.max_rel_diff,
+            "channel_max_abs_diff": check.channel_max_abs_diff,
+            "activation": rec.get("activation"),
+            "activation_inplace": rec.get("activation_inplace"),
+            "overwritten_by": rec.get("overwritten_by"),
+            "input": _cpu(rec.get("input")),
+            "output": _cpu(rec.get("output")),
+            "activation_output": _cpu(rec.get("activation_output")),
+            "output_reference": _cpu(rec.get("output_ref")),
+        }))
     return reports
 
 
