@@ -114,6 +114,9 @@ class LayerReport(UsedStatistics):
     Tensors live on the CPU. ``input``/``output``/``activation_output`` are ``None`` unless
     the layer was kept (``keep_tensors``). Quantities that do not exist for this layer
     (running statistics of a layer without buffers, weight of ``affine=False``) are None.
+    The tensors are bnviz's copies, never the model's own, and some are shared (weight and
+    bias between reports of one model, "after" and "before" where nothing wrote a buffer):
+    treat them as read-only, clone before an in-place edit.
     """
 
     name: str
