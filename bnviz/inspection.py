@@ -441,7 +441,7 @@ def _info(private: torch.nn.Module) -> _CopyInfo:
 def _scan(model: torch.nn.Module) -> tuple[tuple, list[str]]:
     """One walk over the module tree: a cheap fingerprint and the BN layer names.
 
-    The fingerprint covers structure (modules and their child names), parameter
+    The fingerprint covers structure (modules, their types and child names), parameter
     storage/versions and which buffers each module has. A pooled copy is reused only while
     it is unchanged: a replaced or renamed submodule, a re-assigned parameter,
     ``model.to(...)``, an in-place weight edit (``_version``; it matters for device copies,
@@ -466,7 +466,7 @@ def _scan(model: torch.nn.Module) -> tuple[tuple, list[str]]:
         seen.add(key)
         modules.append(key)
         children = m._modules
-        layout.append(tuple(children))
+        layout.append((type(m), tuple(children)))
         for p in m._parameters.values():
             if p is not None:
                 params.append((id(p), p.data_ptr(), p._version))
@@ -485,8 +485,8 @@ def _scan(model: torch.nn.Module) -> tuple[tuple, list[str]]:
     return (*structure, tuple(params), tuple(buffers)), list(names)
 
 
-#: BN layer names per module structure (ids and child names): ``named_modules()`` builds a
-#: qualified name for every module, a third of a scan's cost, and they only change with it.
+#: BN layer names per module structure (ids, types and child names, which determine them):
+#: ``named_modules()`` builds a qualified name for every module, a third of a scan's cost.
 _NAMES: dict[tuple, list[str]] = {}
 _NAMES_LOCK = threading.Lock()
 

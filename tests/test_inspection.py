@@ -693,3 +693,26 @@ def test_other_modules_eval_and_keep_alternate():
             assert not torch.allclose(means[0], want, atol=1e-3)
             assert not torch.equal(means[0], means[1])
     assert net.drop.training and net.bn.training
+
+
+def test_layer_names_follow_renamed_and_replaced_modules():
+    """Layer names are cached per module structure; a renamed child (same module objects)
+    or a BN layer replaced by another type under the same name must be seen."""
+    from collections import OrderedDict
+
+    net = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 1), bn=nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 3, 4, 4)
+
+    def names():
+        return [layer.name for layer in bnviz.inspect(net, x, keep_tensors=False).layers]
+
+    assert names() == ["bn"]
+    bn = net.bn
+    del net.bn
+    net.add_module("norm", bn)
+    assert names() == ["norm"]
+    net.norm = nn.GroupNorm(2, 4)
+    report = bnviz.inspect(net, x, keep_tensors=False)
+    assert report.layers == [] and "no_batchnorm" in report.notes
+    net.norm = bn
+    assert names() == ["norm"]
