@@ -145,7 +145,9 @@ def _load() -> tuple[bool, str]:
     try:
         if not hasattr(torch.ops.bnviz, "probe"):
             torch.ops.load_library(str(path))
-        torch.ops.bnviz.probe  # noqa: B018 -- raises if the library did not register it
+        # both operators, or raise: a library from another source would miss one
+        torch.ops.bnviz.probe  # noqa: B018
+        torch.ops.bnviz.probe_into  # noqa: B018
     except (OSError, RuntimeError, AttributeError) as exc:
         return False, f"could not load {path.name}: {exc}"
     return True, f"compiled ({path})"

@@ -14,7 +14,10 @@
 // The work runs in PyTorch's own thread pool (at::parallel_for over channels), so it does not
 // compete with a second threading runtime. The formula is bnviz/manual_bn.py's: nothing here
 // calls BatchNorm code. The Python side (bnviz/probe_kernel.py) builds this file with the
-// system compiler and turns the two result blocks into a manual_bn.Probe.
+// system compiler. Two operators: `probe` returns one layer's raw sums and extremes (a
+// manual_bn.Probe); `probe_into`, what inspect's CPU forward calls, also finishes the
+// layer (statistics, differences, the running-stat update check: manual_bn.summarise's
+// arithmetic) into network-wide blocks.
 //
 // Numerics: sums are taken about the mean of the channel's first row (close to the channel
 // mean, so s2/count - (s1/count)^2 does not cancel), in float lanes flushed into double
