@@ -27,6 +27,7 @@ buffer, then normalised, compared and reduced in place. Neither calls BatchNorm 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -395,6 +396,10 @@ def block_checks(out: torch.Tensor, maxima: torch.Tensor, starts: list[int], siz
 @torch.no_grad()
 def _summarise_group(probes: list[Probe], device) -> list[LayerCheck]:
     f64 = torch.float64
+    work = probes[0].centre.dtype
+    dev = probes[0].centre.device
+    sizes = [p.centre.numel() for p in probes]
+    counts = [p.count for p in probes]
 
     def cat(tensors) -> torch.Tensor:
         return torch.cat(list(tensors)).to(f64)
@@ -406,18 +411,6 @@ def _summarise_group(probes: list[Probe], device) -> list[LayerCheck]:
     diff_centre = (centre if all(p.diff_centre is None for p in probes)
                    else cat(p.centre if p.diff_centre is None else p.diff_centre for p in probes))
     beta = cat(p.bias if p.bias is not None else torch.zeros_like(p.centre) for p in probes)
-    return _summarise_columns(
-        total=total, centre=centre, sq=sq, scale=scale, hi=hi, lo=lo, norm_mean=norm_mean,
-        diff_centre=diff_centre, beta=beta, counts=[p.count for p in probes],
-        sizes=[p.centre.numel() for p in probes], work=probes[0].centre.dtype, device=device)
-
-
-def _summarise_columns(*, total, centre, sq, scale, hi, lo, norm_mean, diff_centre, beta,
-                       counts: list[int], sizes: list[int], work: torch.dtype,
-                       device) -> list[LayerCheck]:
-    """The per-channel arithmetic of :func:`summarise` on float64 columns of all layers."""
-    f64 = torch.float64
-    dev = total.device
     size_t = torch.tensor(sizes, device=dev)
     count_col = torch.tensor(counts, dtype=f64, device=dev).repeat_interleave(size_t)
 
@@ -429,30 +422,18 @@ def _summarise_columns(*, total, centre, sq, scale, hi, lo, norm_mean, diff_cent
     d = mean - norm_mean
     y_sq = (scale**2 * (var + d**2) + 2 * scale * beta * d + beta**2).clamp_min(0)
 
-    layers = len(sizes)
+    layers = len(probes)
     segment = torch.arange(layers, device=dev).repeat_interleave(size_t)
     maxima = torch.zeros(2, layers, dtype=f64, device=dev)
     maxima[0].scatter_reduce_(0, segment, channel_diff, "amax")
     maxima[1].scatter_reduce_(0, segment, y_sq, "amax")
-    layer_diff, layer_y_sq = maxima.tolist()
 
     block = torch.stack([mean, var, unbiased, channel_diff]).to(work)
     if device is not None:
         block = block.to(device)
-    rows = [row.split(sizes) for row in block]  # per-layer views, 4 ops for all layers
-    tiny = torch.finfo(work).tiny
-    out = []
-    for i, (count, diff, ysq) in enumerate(zip(counts, layer_diff, layer_y_sq, strict=True)):
-        out_scale = math.sqrt(ysq)
-        out.append(LayerCheck(
-            batch=BatchStats(mean=rows[0][i], var=rows[1][i],
-                             var_unbiased=rows[2][i] if count > 1 else None, count=count),
-            channel_max_abs_diff=rows[3][i],
-            max_abs_diff=diff,
-            max_rel_diff=diff / max(out_scale, tiny),
-            output_rms_max=out_scale,
-        ))
-    return out
+    # the same layout as the compiled probe's blocks: layers side by side, in order
+    starts = [0, *itertools.accumulate(sizes[:-1])]
+    return block_checks(block, maxima, starts, sizes, counts, list(range(layers)))
 
 
 def check_layer(x: torch.Tensor, y: torch.Tensor, **options) -> LayerCheck:

@@ -354,20 +354,23 @@ def test_lite0_inspection_through_the_blocks_equals_per_layer_probes(lite, monke
 
     raw = bnviz.make_stimulus("image", name="coffee", size=64, batch_size=2,
                               composition="jitter")
-    calls = []
-    real_checks = manual_bn.block_checks
+    summarised = []
+    real_summarise = manual_bn.summarise
 
-    def counting(*args):
-        calls.append(len(args[3]))
-        return real_checks(*args)
+    def counting(probes, *args, **kwargs):
+        summarised.append(len(probes))
+        return real_summarise(probes, *args, **kwargs)
 
-    monkeypatch.setattr(manual_bn, "block_checks", counting)
+    monkeypatch.setattr(manual_bn, "summarise", counting)
     with probe_kernel.forced(True):
         for mode in ("eval", "train,momentum=none"):
             blocks = bnviz.inspect(lite, raw, modes=mode, keep_tensors=False)
+            assert summarised == []  # every layer came from the blocks
             with monkeypatch.context() as m:
                 m.setattr(inspection, "_flat_run", lambda *a: None)
                 single = bnviz.inspect(lite, raw, modes=mode, keep_tensors=False)
+            assert summarised == [49]  # and here every layer from its own probe
+            summarised.clear()
             for a, s in zip(blocks.layers, single.layers, strict=True):
                 for field in ("batch_mean", "batch_var", "batch_var_unbiased",
                               "channel_max_abs_diff", "running_mean_after",
@@ -379,7 +382,6 @@ def test_lite0_inspection_through_the_blocks_equals_per_layer_probes(lite, monke
                     s.update_factor, s.running_update_max_abs_diff)
                 if mode.startswith("train"):
                     assert a.running_update_max_abs_diff < 1e-4  # float32 rounding of ~100
-    assert calls == [49, 49]  # every layer, from the blocks, in both modes
 
 
 def test_a_layer_the_operator_refuses_is_checked_the_general_way(monkeypatch):

@@ -326,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor> probe(const at::Tensor& x, const at::Tensor& 
 // NaN-propagating max, as torch.maximum / scatter_reduce("amax") do.
 inline double nan_max(double a, double b) { return (std::isnan(a) || a > b) ? a : b; }
 
-// One layer of an inspection, finished: the arithmetic of manual_bn._summarise_columns
+// One layer of an inspection, finished: the arithmetic of manual_bn._summarise_group
 // (same formula, same order, in double) done per channel right here, so the Python side
 // has nothing left to compute. Writes columns [offset, offset + C) of `out` (float32 rows:
 // batch mean, biased variance, unbiased variance, max |manual - native|, and for a layer
