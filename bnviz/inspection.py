@@ -603,8 +603,7 @@ class _FlatRun:
     #: layer -> (first column, layer index, weight, bias, eps, eval-mode scale or None,
     #: running mean and variance before the forward if the layer will update them, or None)
     args: dict[str, tuple]
-    offsets: dict[str, int]  # layer -> its first column
-    index: dict[str, int]  # layer -> its column of maxima
+    layout: _BlockLayout  # every layer's first column and column of maxima
 
 
 def _fits_block(t: torch.Tensor | None) -> bool:
@@ -667,7 +666,7 @@ def _flat_run(info: _CopyInfo, snapshot: dict[str, dict], scales: dict[str, torc
     return _FlatRun(op=torch.ops.bnviz.probe_into.default,
                     out=torch.empty((6 if updating else 4, layout.width), dtype=_F32),
                     maxima=torch.empty((3, len(info.bns)), dtype=torch.float64), args=args,
-                    offsets=layout.offsets, index=layout.index)
+                    layout=layout)
 
 
 def _checks(session: _Session, bns: dict[str, _BatchNorm],
@@ -685,10 +684,11 @@ def _checks(session: _Session, bns: dict[str, _BatchNorm],
     checks: list[Any] = [None] * len(order)
     if in_block:
         names = [order[i] for i in in_block]
+        layout = flat.layout  # type: ignore[union-attr]
         found = manual_bn.block_checks(
-            flat.out, flat.maxima, [flat.offsets[n] for n in names],  # type: ignore[union-attr]
+            flat.out, flat.maxima, [layout.offsets[n] for n in names],  # type: ignore
             [bns[n].num_features for n in names], [counts[i] for i in in_block],
-            [flat.index[n] for n in names])  # type: ignore[union-attr]
+            [layout.index[n] for n in names])
         for i, check in zip(in_block, found, strict=True):
             checks[i] = check
     rest = [i for i, r in enumerate(records) if r["probe"] is not None]
@@ -1453,10 +1453,11 @@ def _block_updates(session: _Session, bns: dict[str, _BatchNorm],
     if not positions:
         return {}
     names = [order[i] for i in positions]
-    columns = manual_bn.block_columns(flat.out[4:6], [flat.offsets[n] for n in names],
+    layout = flat.layout
+    columns = manual_bn.block_columns(flat.out[4:6], [layout.offsets[n] for n in names],
                                       [bns[n].num_features for n in names])
     diffs = flat.maxima[2].tolist()
-    return {i: (factors[n], mean, var, diffs[flat.index[n]])
+    return {i: (factors[n], mean, var, diffs[layout.index[n]])
             for i, n, (mean, var) in zip(positions, names, columns, strict=True)}
 
 

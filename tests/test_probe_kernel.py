@@ -399,7 +399,7 @@ def test_a_layer_the_operator_refuses_is_checked_the_general_way(monkeypatch):
     def picky_flat_run(*args):
         flat = real_flat_run(*args)
         op = flat.op
-        twice_column = flat.offsets["twice"]
+        twice_column = flat.layout.offsets["twice"]
 
         def refusing(x, y, out, maxima, offset, *rest):
             if offset == twice_column:
