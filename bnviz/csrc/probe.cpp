@@ -133,6 +133,23 @@ inline void scalar_extreme(Extremes& r, float d) {
   r.bad |= (d != d);
 }
 
+// One row in steps of 16 values, `step(i)` taking values i..i+15, flushing the float lanes
+// into `sums` after every BLOCK values (counted across rows); returns where the row's scalar
+// tail starts. Always inlined, so `step` is compiled for the caller's target clone.
+template <class Step>
+__attribute__((always_inline)) inline int64_t blocked_row(int64_t len, Lanes& L, Sums& sums,
+                                                          Step step) {
+  int64_t i = 0;
+  while (i + 16 <= len) {
+    const int64_t stop = std::min<int64_t>(len, i + BLOCK);
+    const int64_t start = i;
+    for (; i + 16 <= stop; i += 16) step(i);
+    L.pending += i - start;
+    if (L.pending >= BLOCK) L.flush(sums);
+  }
+  return i;
+}
+
 // Sum and sum of squares of (x - c0) over a channel.
 BNVIZ_CLONES
 Sums channel_sums(const float* __restrict x, int64_t rows, int64_t stride, int64_t len,
@@ -142,16 +159,9 @@ Sums channel_sums(const float* __restrict x, int64_t rows, int64_t stride, int64
   const v8f c = splat(c0);
   for (int64_t row = 0; row < rows; ++row) {
     const float* xr = x + row * stride;
-    int64_t i = 0;
-    while (i + 16 <= len) {
-      const int64_t stop = std::min<int64_t>(len, i + BLOCK);
-      const int64_t start = i;
-      for (; i + 16 <= stop; i += 16) {
-        L.add(load8(xr + i) - c, load8(xr + i + 8) - c);
-      }
-      L.pending += i - start;
-      if (L.pending >= BLOCK) L.flush(r);
-    }
+    int64_t i = blocked_row(len, L, r, [&](int64_t j) __attribute__((always_inline)) {
+      L.add(load8(xr + j) - c, load8(xr + j + 8) - c);
+    });
     for (; i < len; ++i) r.add(xr[i], c0);
   }
   L.flush(r);
@@ -190,18 +200,11 @@ void channel_fused(const float* __restrict x, const float* __restrict y, int64_t
   for (int64_t row = 0; row < rows; ++row) {
     const float* xr = x + row * stride;
     const float* yr = y + row * stride;
-    int64_t i = 0;
-    while (i + 16 <= len) {
-      const int64_t stop = std::min<int64_t>(len, i + BLOCK);
-      const int64_t start = i;
-      for (; i + 16 <= stop; i += 16) {
-        const v8f xa = load8(xr + i), xb = load8(xr + i + 8);
-        L.add(xa - c, xb - c);
-        P.add(load8(yr + i) - (xa - mv) * sv, load8(yr + i + 8) - (xb - mv) * sv);
-      }
-      L.pending += i - start;
-      if (L.pending >= BLOCK) L.flush(sums);
-    }
+    int64_t i = blocked_row(len, L, sums, [&](int64_t j) __attribute__((always_inline)) {
+      const v8f xa = load8(xr + j), xb = load8(xr + j + 8);
+      L.add(xa - c, xb - c);
+      P.add(load8(yr + j) - (xa - mv) * sv, load8(yr + j + 8) - (xb - mv) * sv);
+    });
     for (; i < len; ++i) {
       sums.add(xr[i], c0);
       scalar_extreme(ext, yr[i] - (xr[i] - m) * s);
