@@ -1,5 +1,6 @@
 # Two entry points (see README): `make run` starts the dashboard, `make test` runs every test.
 # Both create ./.venv on first use and reinstall only when pyproject.toml changes.
+# --no-cache-dir: no second copy of the ~3.5 GB of torch/CUDA wheels in ~/.cache/pip.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,9 +12,10 @@ KERNEL := $(VENV)/.kernel-$(shell cat bnviz/csrc/probe.cpp bnviz/probe_kernel.py
 kernel: $(KERNEL)
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) scripts/check_disk.py $(VENV)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-cache-dir -e '.[test]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 # The compiled manual-BN check (bnviz/csrc/probe.cpp, ~15 s once per torch version): without
