@@ -20,7 +20,7 @@ from pathlib import Path
 
 GB = 1024**3
 VENV_NEED = 7 * GB  # torch + CUDA libraries + triton + the rest, installed
-DOWNLOAD_NEED = 4 * GB  # the wheels, held in pip's temporary folder during the install
+DOWNLOAD_NEED = 3 * GB  # the wheels, held in pip's temporary folder during the install
 
 
 def _has_torch(venv: Path) -> bool:
