@@ -1199,6 +1199,10 @@ def release_memory() -> None:
     after a trim, 430-570 ms reusing the heap), so a student toggling modes gets the fast
     path and an idle server still gives the memory back.
     """
+    # Streamlit's collection after every rerun is switched off (``runner.postScriptGC`` in
+    # .streamlit/config.toml: it delayed every layer switch by ~40 ms); reference cycles a
+    # session left behind are collected here, while nobody waits, before the heap is trimmed.
+    gc.collect()
     global _LIBC
     if _LIBC is None:
         try:
@@ -1501,13 +1505,16 @@ def freeze_long_lived_objects() -> int:
     """Exempt every object alive now (modules, the loaded model) from garbage collection
     scans; returns how many objects are exempt.
 
-    Streamlit runs ``gc.collect(2)`` after every script run, fragment reruns included
-    (``runner.postScriptGC``). With PyTorch, torchvision, plotly and pandas imported, that is
-    a scan of ~450k objects: ~250 ms on a 2-core machine, holding the GIL, so the server
-    could not send the finished rerun to the browser in that time (measured: a 10 ms layer
-    switch reached the browser 250-300 ms after the click). ``gc.freeze()`` moves the objects
-    alive now into the permanent generation, so the post-run collection only scans what was
-    created since (a few ms) and still frees every reference cycle a session creates.
+    By default Streamlit runs ``gc.collect(2)`` after every script run, fragment reruns
+    included (``runner.postScriptGC``). With PyTorch, torchvision, plotly and pandas
+    imported, that is a scan of ~450k objects: ~250 ms on a 2-core machine, holding the GIL,
+    so the server could not send the finished rerun to the browser in that time (measured: a
+    10 ms layer switch reached the browser 250-300 ms after the click). ``gc.freeze()`` moves
+    the objects alive now into the permanent generation, so a full collection only scans
+    what was created since and still frees every reference cycle a session creates. (What
+    is imported later, plotly and pandas, still made the post-run scan 35-50 ms, so the
+    repository's config also switches it off; Python's own collector and
+    :func:`release_memory` do the collecting. The freeze keeps those collections short.)
 
     Call it once a model has been loaded (the app does, when it loads one): at that point
     nearly everything alive lives as long as the process, and a collection right after the
