@@ -587,10 +587,11 @@ class _FlatRun:
     """Where the compiled probe writes every layer's finished check during one CPU forward.
 
     Each BN layer owns ``num_features`` columns (in network order) of ``out`` and one
-    column of ``maxima`` (see :func:`bnviz.manual_bn.block_checks`). The hook then costs
-    one operator call -- no allocation, no per-layer result objects -- and nothing is left
-    to compute after the forward. On efficientnet_lite0 at batch 1 that is what keeps the
-    per-layer Python cost of an inspection small next to the forward itself.
+    column of ``maxima`` (see :func:`bnviz.manual_bn.block_checks`). The layer's wrapped
+    forward then costs one operator call -- no allocation, no per-layer result objects --
+    and nothing is left to compute after the forward. On efficientnet_lite0 at batch 1
+    that is what keeps the per-layer Python cost of an inspection small next to the
+    forward itself.
     """
 
     op: Any  # torch.ops.bnviz.probe_into.default

@@ -173,14 +173,15 @@ class LayerCheck:
 
 @dataclass
 class Probe:
-    """What a forward hook measures on one BN forward: raw per-channel reductions.
+    """What is measured on one BN forward, right after the layer ran: raw per-channel
+    reductions.
 
-    Everything that needs the activation itself happens in :func:`probe_layer`, inside the
-    hook, before an in-place activation can overwrite the output. The per-channel
-    arithmetic that turns these sums into statistics and differences waits for
-    :func:`summarise`, which does it for every layer of the network in one vectorised step:
-    on small inputs the fixed cost of ~20 tiny tensor ops per layer, not the memory
-    traffic, is what an inspection pays for.
+    Everything that needs the activation itself happens in :func:`probe_layer`, called by
+    the inspection's wrapper of the layer's forward, before an in-place activation can
+    overwrite the output. The per-channel arithmetic that turns these sums into statistics
+    and differences waits for :func:`summarise`, which does it for every layer of the
+    network in one vectorised step: on small inputs the fixed cost of ~20 tiny tensor ops
+    per layer, not the memory traffic, is what an inspection pays for.
     """
 
     count: int  # values per channel, N * prod(spatial)
@@ -361,7 +362,7 @@ def block_checks(out: torch.Tensor, maxima: torch.Tensor, starts: list[int], siz
                  counts: list[int], indices: list[int]) -> list[LayerCheck]:
     """:class:`LayerCheck` objects from the blocks the compiled probe fills during a forward.
 
-    ``torch.ops.bnviz.probe_into`` finishes each layer inside the hook: the arithmetic of
+    ``torch.ops.bnviz.probe_into`` finishes each layer right after it ran: the arithmetic of
     :func:`summarise` (same formula, same order, float64) runs per channel as the channel is
     read, into network-wide blocks -- ``out`` (at least 4 rows by width), float32 rows batch
     mean, biased variance, unbiased variance, max |manual - native|; ``maxima`` (at least 2
