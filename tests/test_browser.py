@@ -105,6 +105,17 @@ def test_loads_with_every_chart_and_no_errors(page, server):
     shot(page, "05-manual-vs-native.png")
 
 
+def test_chart_code_is_loaded_before_any_chart(page, server):
+    """app.py preloads Streamlit's plotly.js chunk before it imports torch: even a page that
+    draws no chart at all (a network without BatchNorm) has loaded it, without an error."""
+    page.goto(f"{server.url}/?model=alexnet&weights=random")
+    page.get_by_text("has no BatchNorm layers", exact=False).first.wait_for(timeout=TIMEOUT_MS)
+    bs.wait_idle(page, TIMEOUT_MS)
+    assert page.locator('[data-testid="stPlotlyChart"]').count() == 0
+    loaded = page.evaluate("() => performance.getEntriesByType('resource')"
+                           ".map(e => e.name).filter(n => n.includes('/PlotlyChart.'))")
+    assert len(loaded) == 1, loaded
+
 def test_layer_and_channel_change_the_charts(page, server):
     open_app(page, server, charts=4)
     stats_before = bs.chart_signature(page, "batch vs running")

@@ -152,6 +152,19 @@ def test_photos_load_and_differ():
     assert not torch.equal(chelsea[0], chelsea[2])
 
 
+@pytest.mark.parametrize("name", PHOTOS)
+def test_photos_are_the_pixels_scikit_image_gives(name):
+    """bnviz reads the bundled files with Pillow (skipping the ~0.3 s import of skimage.io);
+    the arrays must be exactly what ``skimage.data`` returns, and each photo must come from
+    that fast path (a renamed file would silently fall back to the slow one)."""
+    import skimage.data
+
+    ours = stimuli._load_photo_array(name)
+    theirs = (skimage.data.stereo_motorcycle()[0] if name == "motorcycle"
+              else getattr(skimage.data, name)())
+    assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+    assert os.path.isfile(os.path.join(skimage.data.data_dir, stimuli._PHOTO_FILES[name]))
+
 def test_photo_cache_is_not_aliased():
     a = make_stimulus("image", SIZE)
     a.zero_()
