@@ -21,50 +21,13 @@ import os
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import streamlit as st
 
+from chart_preload import preload_chart_code
+
 st.set_page_config(page_title="bnviz: BatchNorm microscope", page_icon=":microscope:",
                    layout="wide")
-
-
-def preload_chart_code() -> None:
-    """Have the browser fetch and run Streamlit's plotly.js chunk *now*, before this script
-    imports PyTorch, instead of when the first chart arrives.
-
-    Streamlit's frontend loads its chart component (plotly.js, 4.7 MB) lazily, on the first
-    plotly element it is sent. Here that element comes ~2.5 s after the page opens (the
-    script first imports torch, then loads the model and the stimulus), and only then does
-    the browser spend ~1 s evaluating plotly.js, after the server is ready. A dynamic
-    ``import()`` of the same chunk URL now runs that work while the browser would otherwise
-    wait for the imports; the real chart later finds the module already loaded (one URL, one
-    module instance). It draws nothing. Measured, cold server, 4 starts each, alternating:
-    first chart 8.5 -> 7.1 s, every chart of the first view 9.0 -> 8.0 s (median).
-
-    If a Streamlit upgrade renames the chunk, nothing is preloaded and nothing breaks
-    (``tests/test_app.py`` checks the chunk exists, so the loss would be noticed).
-    """
-    chunk = plotly_chunk_name()
-    if chunk is None:
-        return
-    # Resolved against Streamlit's own entry script, so it also works under a base URL path.
-    st.html(
-        "<script>(() => { const entry = document.querySelector("
-        "'script[type=\"module\"][src*=\"/static/js/index.\"]');"
-        f" if (entry) import(new URL('./{chunk}', entry.src).href).catch(() => {{}}); }})();"
-        "</script>",
-        unsafe_allow_javascript=True,
-    )
-
-
-def plotly_chunk_name() -> str | None:
-    """File name of the frontend chunk holding Streamlit's plotly chart (hashed per release)."""
-    js = Path(st.__file__).parent / "static" / "static" / "js"
-    found = sorted(js.glob("PlotlyChart.*.js"))
-    return found[0].name if found else None
-
-
 preload_chart_code()
 
 # Everything below imports PyTorch (~2.5 s in a fresh process): after the preload above.

@@ -39,7 +39,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -713,8 +713,41 @@ def literal_bn(x: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float,
 
 
 @dataclass(frozen=True)
-class LayerView(UsedStatistics):
-    """What the dashboard shows of one BN layer: numbers from the report, no activations."""
+class CondensedTensors:
+    """The activation-sized part of a :class:`LayerView`: what is read from the kept
+    tensors (maps, histograms, samples, formula elements). Made apart from the statistics so
+    it can be computed on another core while the forward is still running."""
+
+    # image-0 feature maps on a grid: (C, len(rows), len(cols)); actual values
+    rows: np.ndarray
+    cols: np.ndarray
+    map_input: np.ndarray
+    map_output: np.ndarray
+    map_activation: np.ndarray | None
+    map_reference: np.ndarray | None  # what a reference-keeping hook saw (if overwritten)
+    # per-channel histograms over hist_count sampled (image, position) pairs of all images:
+    # edges (B+1,), counts (C, B)
+    hist_count: int
+    hist_input: tuple[np.ndarray, np.ndarray]
+    hist_output: tuple[np.ndarray, np.ndarray]
+    hist_activation: tuple[np.ndarray, np.ndarray] | None
+    # scatter sample: indices (S, 4) and values (S,)
+    sample_index: np.ndarray
+    sample_input: np.ndarray
+    sample_native: np.ndarray
+    sample_activation: np.ndarray | None
+    # exactly stored elements for the formula: (C, E, 4) indices, (C, E) values
+    element_index: np.ndarray
+    element_input: np.ndarray
+    element_native: np.ndarray
+    element_activation: np.ndarray | None
+    overwritten_fraction: float  # of the BN output, as a reference-keeping hook sees it
+
+
+@dataclass(frozen=True)
+class LayerView(CondensedTensors, UsedStatistics):
+    """What the dashboard shows of one BN layer: numbers from the report, no activations
+    (the statistics here, what was read from its tensors in :class:`CondensedTensors`)."""
 
     name: str
     type: str
@@ -741,7 +774,6 @@ class LayerView(UsedStatistics):
     activation: str | None
     activation_inplace: bool | None
     overwritten_by: str | None
-    overwritten_fraction: float | None
     # per-channel vectors (C,)
     batch_mean: np.ndarray
     batch_var: np.ndarray
@@ -757,30 +789,8 @@ class LayerView(UsedStatistics):
     channel_max_abs_diff: np.ndarray
     mean_shift: np.ndarray | None
     log_var_ratio: np.ndarray | None
-    # image-0 feature maps on a grid: (C, len(rows), len(cols)); actual values
-    rows: np.ndarray
-    cols: np.ndarray
-    map_input: np.ndarray
-    map_output: np.ndarray
-    map_activation: np.ndarray | None
-    map_reference: np.ndarray | None  # what a reference-keeping hook saw (only if overwritten)
-    # per-channel histograms over hist_count sampled (image, position) pairs of all images:
-    # edges (B+1,), counts (C, B)
-    hist_count: int
-    hist_input: tuple[np.ndarray, np.ndarray]
-    hist_output: tuple[np.ndarray, np.ndarray]
-    hist_activation: tuple[np.ndarray, np.ndarray] | None
-    # scatter sample: indices (S, 4) and values (S,)
-    sample_index: np.ndarray
-    sample_input: np.ndarray
-    sample_native: np.ndarray
+    # the scatter sample through the literal formula, with the statistics BN used
     sample_manual: np.ndarray
-    sample_activation: np.ndarray | None
-    # exactly stored elements for the formula: (C, E, 4) indices, (C, E) values
-    element_index: np.ndarray
-    element_input: np.ndarray
-    element_native: np.ndarray
-    element_activation: np.ndarray | None
 
     @property
     def spatial(self) -> tuple[int, int]:
@@ -915,45 +925,71 @@ class _Picker:
                 _frozen(vals[self._split:].reshape(self._eshape)))
 
 
-def layer_view(layer: LayerReport) -> LayerView:
-    """Condense one kept :class:`LayerReport` (its tensors are read, not kept)."""
-    if layer.input is None or layer.output is None:
-        raise BnvizError(f"Layer {layer.name!r} was inspected without keeping tensors.",
-                         "call inspect(..., keep_tensors=True) before building view data.")
-    x4 = as_4d(layer.input)
-    y4 = as_4d(layer.output)
-    a4 = None if layer.activation_output is None else as_4d(layer.activation_output)
-    overwritten = layer.overwritten_by is not None and layer.output_reference is not None
-    ref4 = as_4d(layer.output_reference) if overwritten else None
-    n, _, h, w = x4.shape
-    side = map_side(layer.num_features)
+def condense_tensors(input: torch.Tensor, output: torch.Tensor,
+                     activation_output: torch.Tensor | None,
+                     output_reference: torch.Tensor | None,
+                     overwritten_by: str | None) -> CondensedTensors:
+    """Read one layer's kept tensors into small arrays (the tensors are read, not kept)."""
+    x4 = as_4d(input)
+    y4 = as_4d(output)
+    a4 = None if activation_output is None else as_4d(activation_output)
+    overwritten = overwritten_by is not None and output_reference is not None
+    ref4 = as_4d(output_reference) if overwritten else None
+    n, channels, h, w = x4.shape
+    side = map_side(channels)
     rows, cols = grid_indices(h, side), grid_indices(w, side)
     pos = histogram_positions(n, h * w)
-    count_hist = n * h * w if pos is None else len(pos[0])
-
     sidx = sample_indices(tuple(x4.shape))
     eidx = _formula_elements(x4)
     pick = _Picker(sidx, eidx)
     s_in, e_in = pick(x4)
     s_nat, e_nat = pick(y4)
     s_act, e_act = (None, None) if a4 is None else pick(a4)
-    ch = sidx[:, 1]
-    used_mean = layer.used_mean.numpy()
-    used_var = layer.used_var.numpy()
-    weight = None if layer.weight is None else layer.weight.numpy()
-    bias = None if layer.bias is None else layer.bias.numpy()
-    s_man = literal_bn(s_in, used_mean[ch], used_var[ch], layer.eps,
-                       None if weight is None else weight[ch],
-                       None if bias is None else bias[ch])
-
     map_act = None if a4 is None else subsample_map(a4[0], rows, cols)
     map_ref = None if ref4 is None else subsample_map(ref4[0], rows, cols)
     if map_ref is not None and map_act is not None and np.array_equal(map_ref, map_act):
         map_ref = map_act  # an in-place activation: what the hook sees *is* its output
+    fraction = float((output != output_reference).float().mean()) if overwritten else 0.0
+    return CondensedTensors(
+        rows=_frozen(rows), cols=_frozen(cols),
+        map_input=subsample_map(x4[0], rows, cols),
+        map_output=subsample_map(y4[0], rows, cols),
+        map_activation=map_act, map_reference=map_ref,
+        hist_count=n * h * w if pos is None else len(pos[0]),
+        hist_input=channel_histograms(x4, positions=pos),
+        hist_output=channel_histograms(y4, positions=pos),
+        hist_activation=None if a4 is None else channel_histograms(a4, positions=pos),
+        sample_index=sidx, sample_input=s_in, sample_native=s_nat, sample_activation=s_act,
+        element_index=_frozen(eidx), element_input=e_in, element_native=e_nat,
+        element_activation=e_act, overwritten_fraction=fraction,
+    )
+
+
+def condense_layer_tensors(layer: LayerReport) -> CondensedTensors:
+    """:func:`condense_tensors` of a kept :class:`LayerReport`."""
+    if layer.input is None or layer.output is None:
+        raise BnvizError(f"Layer {layer.name!r} was inspected without keeping tensors.",
+                         "call inspect(..., keep_tensors=True) before building view data.")
+    return condense_tensors(layer.input, layer.output, layer.activation_output,
+                            layer.output_reference, layer.overwritten_by)
+
+
+def layer_view(layer: LayerReport, condensed: CondensedTensors | None = None) -> LayerView:
+    """Condense one kept :class:`LayerReport` (its tensors are read, not kept).
+
+    ``condensed``: its tensors already condensed (during the forward); read them otherwise.
+    """
+    c = condense_layer_tensors(layer) if condensed is None else condensed
+    ch = c.sample_index[:, 1]
+    used_mean = layer.used_mean.numpy()
+    used_var = layer.used_var.numpy()
+    weight = None if layer.weight is None else layer.weight.numpy()
+    bias = None if layer.bias is None else layer.bias.numpy()
+    s_man = literal_bn(c.sample_input, used_mean[ch], used_var[ch], layer.eps,
+                       None if weight is None else weight[ch],
+                       None if bias is None else bias[ch])
     shift = layer.mean_shift()
     ratio = layer.log_var_ratio()
-    fraction = layer.overwritten_fraction() if overwritten else (
-        0.0 if layer.output is not None else None)
     return LayerView(
         name=layer.name, type=layer.type, index=layer.index, num_features=layer.num_features,
         input_shape=tuple(layer.input_shape), mode=layer.mode, mode_source=layer.mode_source,
@@ -967,7 +1003,7 @@ def layer_view(layer: LayerReport) -> LayerView:
         max_abs_diff=layer.max_abs_diff, max_rel_diff=layer.max_rel_diff,
         running_update_max_abs_diff=layer.running_update_max_abs_diff,
         activation=layer.activation, activation_inplace=layer.activation_inplace,
-        overwritten_by=layer.overwritten_by, overwritten_fraction=fraction,
+        overwritten_by=layer.overwritten_by,
         batch_mean=_np(layer.batch_mean), batch_var=_np(layer.batch_var),
         batch_var_unbiased=_np(layer.batch_var_unbiased),
         running_mean_before=_np(layer.running_mean_before),
@@ -979,19 +1015,8 @@ def layer_view(layer: LayerReport) -> LayerView:
         weight=_np(layer.weight), bias=_np(layer.bias),
         channel_max_abs_diff=_np(layer.channel_max_abs_diff),
         mean_shift=_np(shift), log_var_ratio=_np(ratio),
-        rows=_frozen(rows), cols=_frozen(cols),
-        map_input=subsample_map(x4[0], rows, cols),
-        map_output=subsample_map(y4[0], rows, cols),
-        map_activation=map_act,
-        map_reference=map_ref,
-        hist_count=count_hist,
-        hist_input=channel_histograms(x4, positions=pos),
-        hist_output=channel_histograms(y4, positions=pos),
-        hist_activation=None if a4 is None else channel_histograms(a4, positions=pos),
-        sample_index=sidx, sample_input=s_in, sample_native=s_nat,
-        sample_manual=_frozen(s_man), sample_activation=s_act,
-        element_index=_frozen(eidx), element_input=e_in, element_native=e_nat,
-        element_activation=e_act,
+        sample_manual=_frozen(s_man),
+        **{f.name: getattr(c, f.name) for f in fields(CondensedTensors)},
     )
 
 
@@ -1039,7 +1064,6 @@ def prediction_rows(report: InspectionReport
                  for row in report.predictions)
 
 
-_CONDENSE_POOL: ThreadPoolExecutor | None = None
 _CONDENSE_LOCK = threading.Lock()
 
 
@@ -1049,18 +1073,98 @@ def condense_workers() -> int:
     return int(wanted) if wanted.isdigit() and int(wanted) > 0 else (os.cpu_count() or 1)
 
 
-def _condense_pool() -> ThreadPoolExecutor | None:
-    global _CONDENSE_POOL
-    if condense_workers() <= 1:
-        return None
+#: The process-wide pools, created on first use: name -> executor.
+_POOLS: dict[str, ThreadPoolExecutor] = {}
+
+
+def _pool(name: str, workers: int) -> ThreadPoolExecutor:
     with _CONDENSE_LOCK:
-        if _CONDENSE_POOL is None:
-            _CONDENSE_POOL = ThreadPoolExecutor(condense_workers(),
-                                                thread_name_prefix="bnviz-condense")
-        return _CONDENSE_POOL
+        if name not in _POOLS:
+            _POOLS[name] = ThreadPoolExecutor(workers, thread_name_prefix=f"bnviz-{name}")
+        return _POOLS[name]
 
 
-def condense_layers(layers: Sequence[LayerReport]) -> tuple[LayerView, ...]:
+def _condense_pool() -> ThreadPoolExecutor | None:
+    return _pool("condense", condense_workers()) if condense_workers() > 1 else None
+
+
+class _Job:
+    """One layer's condensing, run once by whichever thread claims it first."""
+
+    def __init__(self, work: Callable[[], CondensedTensors]) -> None:
+        self._work: Callable[[], CondensedTensors] | None = work
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._result: CondensedTensors | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        with self._lock:
+            work, self._work = self._work, None
+        if work is None:  # claimed by another thread
+            return
+        try:
+            self._result = work()
+        except BaseException as exc:  # re-raised in the thread that waits for it
+            self._error = exc
+        finally:
+            self._done.set()
+
+    @property
+    def started(self) -> bool:
+        with self._lock:
+            return self._work is None
+
+    def result(self) -> CondensedTensors:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+
+def overlap_workers() -> int:
+    """Threads that condense layers *while the forward runs*: the cores the forward leaves
+    free (cores - torch threads, at least 1); 0 when ``BNVIZ_OVERLAP=0`` or with one
+    condense worker."""
+    if os.environ.get("BNVIZ_OVERLAP") == "0" or condense_workers() <= 1:
+        return 0
+    return max(1, (os.cpu_count() or 1) - torch.get_num_threads())
+
+
+def _overlap_pool() -> ThreadPoolExecutor | None:
+    return _pool("overlap", overlap_workers()) if overlap_workers() > 0 else None
+
+
+class OverlappedCondensing:
+    """A :class:`bnviz.inspection.TensorSink` that condenses each layer on a spare core as
+    soon as the forward hands it over, so most of the condensing is done when the forward
+    ends (batch 8, efficientnet_lite0, 2 cores: the ~300 ms of condensing fits inside the
+    ~450 ms forward instead of following it).
+
+    A layer the forward changes after handing it over (an in-place op on one of its tensors
+    later in the network, say) is condensed again from the finished report, so the result
+    is always what :func:`condense_layers` makes from the report alone.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self.jobs: dict[str, _Job] = {}
+        self.stale: set[str] = set()
+
+    def ready(self, name: str, tensors) -> None:
+        job = _Job(functools.partial(condense_tensors, *tensors))
+        self.jobs[name] = job
+        self._pool.submit(job.run)
+
+    def changed(self, name: str) -> None:
+        self.stale.add(name)
+
+    def job(self, name: str) -> _Job | None:
+        return None if name in self.stale else self.jobs.get(name)
+
+
+def condense_layers(layers: Sequence[LayerReport],
+                    overlapped: OverlappedCondensing | None = None) -> tuple[LayerView, ...]:
     """:func:`layer_view` of every layer, largest first, on a process-wide thread pool.
 
     Condensing runs after the forward while the student waits and the browser is idle, so
@@ -1069,13 +1173,24 @@ def condense_layers(layers: Sequence[LayerReport]) -> tuple[LayerView, ...]:
     cores: 336 -> ~200 ms per configuration. One pool for the whole process, with one worker
     per core, so concurrent sessions queue their layers instead of oversubscribing the
     cores. Each layer's result does not depend on the thread that made it.
+
+    ``overlapped``: the layers handed over during the forward; those already condensed (or
+    being condensed) are taken from it, the pool does the rest.
     """
+    jobs = []
+    for layer in layers:
+        job = overlapped.job(layer.name) if overlapped is not None else None
+        jobs.append(job or _Job(functools.partial(condense_layer_tensors, layer)))
+    todo = sorted((i for i, job in enumerate(jobs) if not job.started),
+                  key=lambda i: -_numel(layers[i].input))
     pool = _condense_pool()
-    if pool is None or len(layers) < 2:
-        return tuple(layer_view(layer) for layer in layers)
-    order = sorted(range(len(layers)), key=lambda i: -_numel(layers[i].input))
-    views = dict(zip(order, pool.map(lambda i: layer_view(layers[i]), order), strict=True))
-    return tuple(views[i] for i in range(len(layers)))
+    if pool is None or len(todo) < 2:
+        for i in todo:
+            jobs[i].run()
+    else:
+        list(pool.map(lambda i: jobs[i].run(), todo))
+    return tuple(layer_view(layer, job.result())
+                 for layer, job in zip(layers, jobs, strict=True))
 
 
 def _numel(t: torch.Tensor | None) -> int:
@@ -1093,10 +1208,12 @@ def manual_check_note(manual_check: str) -> str:
 
 
 def build_view_data(report: InspectionReport, *, random_init: bool,
-                    meta: Mapping[str, Any] | None = None) -> ViewData:
-    """Condense a report made with ``keep_tensors=True`` into a :class:`ViewData`."""
+                    meta: Mapping[str, Any] | None = None,
+                    overlapped: OverlappedCondensing | None = None) -> ViewData:
+    """Condense a report made with ``keep_tensors=True`` into a :class:`ViewData`
+    (``overlapped``: the layers already condensed during its forward)."""
     t0 = time.perf_counter()
-    layers = condense_layers(report.layers)
+    layers = condense_layers(report.layers, overlapped)
     frame = report.to_frame()
     return ViewData(
         model=report.model, weights=report.weights, random_init=random_init,
@@ -1136,10 +1253,14 @@ def compute_view_data(loaded, x: torch.Tensor, modes: Mapping[str, str] | str | 
 
     _count("view")
     _forward_started()
+    pool = _overlap_pool()
+    overlapped = OverlappedCondensing(pool) if pool is not None else None
     try:
-        report = inspect(loaded, x, modes=modes, device=device, keep_tensors=True)
+        report = inspect(loaded, x, modes=modes, device=device, keep_tensors=True,
+                         tensor_sink=overlapped)
         try:
-            return build_view_data(report, random_init=random_init, meta=meta)
+            return build_view_data(report, random_init=random_init, meta=meta,
+                                   overlapped=overlapped)
         finally:
             del report
     finally:

@@ -47,7 +47,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -703,6 +703,38 @@ def _checks(session: _Session, bns: dict[str, _BatchNorm],
 # -- one inspection session -----------------------------------------------------------------
 
 
+class KeptTensors(NamedTuple):
+    """One layer's kept tensors as a :class:`TensorSink` receives them during the forward."""
+
+    input: torch.Tensor
+    output: torch.Tensor  # the native BN output (a clone if something overwrote it since)
+    activation_output: torch.Tensor | None
+    output_reference: torch.Tensor  # what a hook that kept a reference sees now
+    overwritten_by: str | None
+
+
+class TensorSink(Protocol):
+    """Receives kept layers while the forward is still running (``inspect(tensor_sink=)``).
+
+    Why: summarising the kept activations (the dashboard's maps, histograms and samples)
+    costs about half as much as the forward itself. Handed each layer as soon as the next
+    BatchNorm layer starts, a caller can do that work on another core while the network
+    runs, instead of afterwards while the user waits.
+
+    ``ready(name, tensors)`` is called once per kept layer, on the forward's thread, with the
+    tensors as they are at that moment; it must return quickly and must not write to them.
+    ``changed(name)`` says that a layer already handed over has changed afterwards (an
+    in-place op wrote to one of its tensors, its activation ran only later, or the layer was
+    called again): whatever was computed from it is stale, and the finished report holds the
+    right tensors. Without ``changed`` calls, a layer's tensors in the report are exactly
+    the ones handed over, with the same values.
+    """
+
+    def ready(self, name: str, tensors: KeptTensors) -> None: ...
+
+    def changed(self, name: str) -> None: ...
+
+
 @dataclass
 class _Pending:
     layer: str
@@ -721,8 +753,11 @@ class _Session(TorchFunctionMode):
     def __init__(self, names: dict[int, str], keep: set[str], device: torch.device,
                  scratch: manual_bn.Scratch, snapshot: dict[str, dict], detect: bool,
                  running_scales: dict[str, torch.Tensor] | None = None,
-                 flat: _FlatRun | None = None):
+                 flat: _FlatRun | None = None, sink: TensorSink | None = None):
         super().__init__()
+        self.sink = sink
+        self.handed: set[str] = set()
+        self._hand_cursor = 0
         self.running_scales = running_scales or {}
         self.flat = flat
         # layer -> compiled-probe arguments; a layer leaves it when it stops fitting them
@@ -747,6 +782,8 @@ class _Session(TorchFunctionMode):
         with torch._C.DisableTorchFunction():
             name = self.names[id(module)]
             self.current = name
+            if self.sink is not None:
+                self._hand_off()
             if name in self.before:  # called again in this forward: buffers may have moved
                 self.flat_args.pop(name, None)
                 self.before[name] = {
@@ -779,6 +816,8 @@ class _Session(TorchFunctionMode):
                     name, fast, module, x, output):
                 probe = self._probe(name, module, x, output)
             rec = {"probe": probe, "input_shape": tuple(x.shape)}
+            if name in self.handed:  # a second call of a layer already handed over
+                self.sink.changed(name)  # type: ignore[union-attr]
             if name in self.keep:
                 rec["input"] = x
                 rec["output"] = output
@@ -789,6 +828,20 @@ class _Session(TorchFunctionMode):
             self.order.append(name)
             if self.detect:
                 self.pending.append(_Pending(name, weakref.ref(output)))
+
+    def _hand_off(self) -> None:
+        """Give the sink every kept layer that finished before the current one started."""
+        order = self.order
+        while self._hand_cursor < len(order):
+            name = order[self._hand_cursor]
+            self._hand_cursor += 1
+            if name in self.handed or name not in self.keep:
+                continue
+            rec = self.records[name]
+            self.handed.add(name)
+            self.sink.ready(name, KeptTensors(  # type: ignore[union-attr]
+                _cpu(rec["input"]), _cpu(rec["output"]), _cpu(rec.get("activation_output")),
+                _cpu(rec["output_ref"]), rec.get("overwritten_by")))
 
     def _into_blocks(self, name: str, fast: tuple, module: _BatchNorm, x, output) -> bool:
         """Check the layer with the compiled probe into the blocks; False if it cannot.
@@ -853,6 +906,11 @@ class _Session(TorchFunctionMode):
                 self.pending_activation = None
                 if name in self.keep and isinstance(result, torch.Tensor):
                     self.records[name]["activation_output"] = result
+                    # watched too: an in-place op later in the forward must not change what
+                    # the report shows as this activation's output
+                    self.watched.append((name, "activation", weakref.ref(result)))
+                    if name in self.handed:  # the activation ran after the hand-off
+                        self.sink.changed(name)  # type: ignore[union-attr]
             return result
         return func(*args, **kwargs)
 
@@ -883,14 +941,20 @@ class _Session(TorchFunctionMode):
             if t is None or _storage_ptr(t) != ptr:
                 continue
             rec = self.records[layer]
-            key = role
+            key = _ROLE_KEYS[role]
             if rec.get(key) is t:  # first overwrite: keep the value as it was
                 with torch._C.DisableTorchFunction():
                     rec[key] = t.clone()
             if role == "output":
                 rec.setdefault("overwritten_by", fname)
-            else:
+            elif role == "input":
                 rec.setdefault("input_overwritten_by", fname)
+            if layer in self.handed:
+                self.sink.changed(layer)  # type: ignore[union-attr]
+
+
+#: Which record entry holds each watched tensor.
+_ROLE_KEYS = {"input": "input", "output": "output", "activation": "activation_output"}
 
 
 def _storage_ptr(t: torch.Tensor) -> int:
@@ -957,6 +1021,7 @@ def inspect(
     other_modules: str = "eval",
     commit: bool = False,
     top_k: int = 5,
+    tensor_sink: TensorSink | None = None,
 ) -> InspectionReport:
     """Run one forward of ``model`` on ``x`` and measure every BatchNorm layer.
 
@@ -978,6 +1043,9 @@ def inspect(
         commit: copy the running-stat update of this forward back into ``model``'s
             buffers. Without it the caller's model is never modified.
         top_k: number of predictions per image (when the output looks like class logits).
+        tensor_sink: receives each kept layer's tensors during the forward, so a caller can
+            summarise them on another core while the network runs (see :class:`TensorSink`;
+            the dashboard does). Used only when the forward runs on the CPU.
 
     Returns:
         An :class:`InspectionReport`.
@@ -1027,7 +1095,8 @@ def inspect(
         preprocessing = loaded.preprocess.description
     try:
         return _run(module, loaded, model_input, preprocessing, requested, dev, keep,
-                    other_modules, commit, top_k, names, sig)
+                    other_modules, commit, top_k, names, sig,
+                    tensor_sink if keep and dev.type == "cpu" else None)
     except torch.cuda.OutOfMemoryError as exc:
         raise DeviceError(
             f"CUDA ran out of memory inspecting a batch of shape {tuple(x.shape)}.",
@@ -1043,11 +1112,11 @@ def inspect(
 
 
 def _run(module, loaded, model_input, preprocessing, requested, dev, keep, other_modules,
-         commit, top_k, names, sig) -> InspectionReport:
+         commit, top_k, names, sig, sink=None) -> InspectionReport:
     private, sig = _POOL.acquire(module, dev, sig)
     try:
         return _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
-                            dev, keep, other_modules, commit, top_k, names)
+                            dev, keep, other_modules, commit, top_k, names, sink)
     finally:
         _info(private).session = None
         _POOL.release(module, dev, private, sig)
@@ -1077,7 +1146,7 @@ def _install_probe(info: _CopyInfo, module: _BatchNorm) -> None:
 
 
 def _run_on_copy(private, module, loaded, model_input, preprocessing, requested, dev, keep,
-                 other_modules, commit, top_k, names) -> InspectionReport:
+                 other_modules, commit, top_k, names, sink=None) -> InspectionReport:
     info = _info(private)
     # Training flags: the original's for BN layers, eval for the rest unless kept. Written
     # to __dict__ directly: nn.Module.__setattr__ costs ~5 us, times ~250 modules.
@@ -1108,7 +1177,7 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
     snapshot = _snapshot(private_bns)
     scales = _running_scales(private_bns, snapshot, info.gammas)
     session = _Session(info.names_by_id, keep, dev, info.scratch,
-                       snapshot, detect, scales, _flat_run(info, snapshot, scales, dev))
+                       snapshot, detect, scales, _flat_run(info, snapshot, scales, dev), sink)
     info.session = session
     inp = model_input.to(dev)
     t0 = time.perf_counter()

@@ -15,11 +15,16 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from chart_preload import preload_chart_code
+
+st.set_page_config(page_title="bnviz · Pitfall lab", layout="wide")
+preload_chart_code()  # the browser loads plotly.js while this page imports PyTorch
+
 # The whole package first: a page opened while another session is still importing bnviz
 # then waits for that import instead of racing into its submodules (tests/test_imports.py).
-import bnviz  # noqa: F401
-from bnviz.errors import BnvizError
-from bnviz.pitfalls import load_all
+import bnviz  # noqa: E402, F401
+from bnviz.errors import BnvizError  # noqa: E402
+from bnviz.pitfalls import load_all  # noqa: E402
 
 EXPERIMENTS = load_all()
 
@@ -112,7 +117,6 @@ def user_output_section(experiment, kwargs: dict, result) -> None:
         st.plotly_chart(fig, key=f"explain:user-figure:{i}")
 
 
-st.set_page_config(page_title="bnviz · Pitfall lab", layout="wide")
 st.title("Pitfall lab")
 st.markdown(
     "The classic BatchNorm confusions, reproduced on real networks. Every verdict below is "

@@ -27,15 +27,21 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-import torch
 from plotly.subplots import make_subplots
+
+from chart_preload import preload_chart_code
+
+st.set_page_config(page_title="bnviz · Training lab", layout="wide")
+preload_chart_code()  # the browser loads plotly.js while this page imports PyTorch
+
+import torch  # noqa: E402
 
 # The whole package first: a page opened while another session is still importing bnviz
 # then waits for that import instead of racing into its submodules (tests/test_imports.py).
-import bnviz  # noqa: F401
-from bnviz.devices import available_devices
-from bnviz.errors import BnvizError
-from bnviz.training import (
+import bnviz  # noqa: E402, F401
+from bnviz.devices import available_devices  # noqa: E402
+from bnviz.errors import BnvizError  # noqa: E402
+from bnviz.training import (  # noqa: E402
     LAYERS,
     VARIANT_DESCRIPTIONS,
     VARIANTS,
@@ -232,7 +238,6 @@ def _warm_up_optimizer_imports() -> threading.Thread:
     return thread
 
 
-st.set_page_config(page_title="bnviz · Training lab", layout="wide")
 _warm_up_optimizer_imports()
 st.title("Training lab: watch BatchNorm learn")
 st.markdown(

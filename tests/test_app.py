@@ -183,19 +183,23 @@ def test_default_page_shows_every_view():
     assert at.query_params["layer"] == "_bn0"
 
 
-def test_the_chart_code_is_preloaded_before_pytorch_is_imported():
-    """The page's first element makes the browser load Streamlit's plotly.js chunk while the
-    script imports torch (measured: first chart of a cold start 8.5 -> 7.1 s). It must name a
-    chunk this Streamlit really ships (a renamed chunk would silently preload nothing), and
-    app.py must emit it before its first import of torch or bnviz."""
-    at = run(new_app())
+@pytest.mark.parametrize("script", ["app.py", "pages/1_Pitfall_lab.py",
+                                    "pages/2_Training_lab.py"])
+def test_the_chart_code_is_preloaded_before_pytorch_is_imported(script):
+    """Every page's first element makes the browser load Streamlit's plotly.js chunk while
+    the script imports torch (measured: first chart of a cold start 8.5 -> 7.1 s). It must
+    name a chunk this Streamlit really ships (a renamed chunk would silently preload
+    nothing), and the script must emit it before its first import of torch or bnviz."""
+    path = Path(APP).parent / script
+    at = run(new_app()) if script == "app.py" else AppTest.from_file(
+        str(path), default_timeout=600).run()
     first = at.main[0]
     assert first.type == "html" and first.proto.unsafe_allow_javascript
     names = re.findall(r"import\(new URL\('\./([^']+)'", first.proto.body)
     assert len(names) == 1 and names[0].startswith("PlotlyChart."), first.proto.body
     chunk = Path(streamlit.__file__).parent / "static" / "static" / "js" / names[0]
     assert chunk.is_file() and b"Plotly" in chunk.read_bytes()
-    body = ast.parse(Path(APP).read_text(encoding="utf-8")).body
+    body = ast.parse(path.read_text(encoding="utf-8")).body
 
     def position(test) -> int:
         return next(i for i, node in enumerate(body) if test(node))
@@ -206,6 +210,7 @@ def test_the_chart_code_is_preloaded_before_pytorch_is_imported():
         a.name.split(".")[0] in ("torch", "bnviz") for a in n.names)) or (
         isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in ("torch", "bnviz")))
     assert preload < heavy
+
 
 def test_numbers_on_the_page_equal_an_independent_inspection():
     at = run(new_app(seed="11"))

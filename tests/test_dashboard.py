@@ -277,8 +277,6 @@ def test_condensing_on_the_pool_equals_condensing_serially(lite_report, lite_vie
                                                            monkeypatch):
     """Layers condensed in parallel (largest first) come back in network order, each
     exactly as a serial condensing makes it."""
-    import dataclasses
-
     assert dash.condense_workers() == (os.cpu_count() or 1)
     monkeypatch.setenv("BNVIZ_CONDENSE_WORKERS", "1")
     assert dash.condense_workers() == 1 and dash._condense_pool() is None
@@ -287,17 +285,97 @@ def test_condensing_on_the_pool_equals_condensing_serially(lite_report, lite_vie
     pooled = dash.condense_layers(lite_report.layers)
     assert dash._condense_pool() is not None
     assert [v.name for v in pooled] == lite_report.layer_names == [v.name for v in serial]
-    for a, b, c in zip(serial, pooled, lite_view.layers, strict=True):
+    assert_same_layer_views(serial, pooled)
+    assert_same_layer_views(serial, lite_view.layers)
+
+
+def assert_same_layer_views(left, right) -> None:
+    """Every field of every LayerView equal (arrays element for element, dtypes too)."""
+    import dataclasses
+
+    assert [v.name for v in left] == [v.name for v in right]
+    for a, b in zip(left, right, strict=True):
         for f in dataclasses.fields(a):
-            for other in (b, c):
-                x, y = getattr(a, f.name), getattr(other, f.name)
-                if isinstance(x, np.ndarray):
-                    np.testing.assert_array_equal(x, y, err_msg=f"{a.name}.{f.name}")
-                elif isinstance(x, tuple) and x and isinstance(x[0], np.ndarray):
-                    for xi, yi in zip(x, y, strict=True):
-                        np.testing.assert_array_equal(xi, yi, err_msg=f"{a.name}.{f.name}")
-                else:
-                    assert x == y, f"{a.name}.{f.name}"
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            if isinstance(x, np.ndarray):
+                np.testing.assert_array_equal(x, y, err_msg=f"{a.name}.{f.name}")
+                assert x.dtype == y.dtype, f"{a.name}.{f.name}"
+            elif isinstance(x, tuple) and x and isinstance(x[0], np.ndarray):
+                for xi, yi in zip(x, y, strict=True):
+                    np.testing.assert_array_equal(xi, yi, err_msg=f"{a.name}.{f.name}")
+            else:
+                assert x == y or (x != x and y != y), f"{a.name}.{f.name}"  # nan == nan
+
+
+def test_condensing_during_the_forward_equals_condensing_after_it(lite, monkeypatch):
+    """Layers condensed on a spare core while the network runs are exactly the layers
+    condensed from the finished report; most are handed over before the forward ends."""
+    monkeypatch.setenv("BNVIZ_CONDENSE_WORKERS", "2")
+    monkeypatch.delenv("BNVIZ_OVERLAP", raising=False)
+    pool = dash._overlap_pool()
+    assert pool is not None and dash.overlap_workers() >= 1
+    x = bnviz.make_stimulus("image", 96, 4, composition="jitter", name="coffee")
+    overlapped = dash.OverlappedCondensing(pool)
+    report = bnviz.inspect(lite, x, "train", device="cpu", keep_tensors=True,
+                           tensor_sink=overlapped)
+    during = dash.build_view_data(report, random_init=False, overlapped=overlapped)
+    after = dash.build_view_data(report, random_init=False)
+    assert len(overlapped.jobs) == len(report.layers) - 1  # the last one: after the forward
+    assert not overlapped.stale
+    assert_same_layer_views(during.layers, after.layers)
+    # compute_view_data takes this path by default, and BNVIZ_OVERLAP=0 switches it off
+    calls: list = []
+    real = dash.OverlappedCondensing.ready
+    monkeypatch.setattr(dash.OverlappedCondensing, "ready",
+                        lambda self, *a: (calls.append(a[0]), real(self, *a)))
+    view = dash.compute_view_data(lite, x, "train", "cpu", random_init=False)
+    assert len(calls) == len(report.layers) - 1
+    assert_same_layer_views(view.layers, after.layers)
+    monkeypatch.setenv("BNVIZ_OVERLAP", "0")
+    assert dash._overlap_pool() is None
+    calls.clear()
+    dash.compute_view_data(lite, x, "train", "cpu", random_init=False)
+    assert calls == []
+
+
+def test_layers_changed_after_the_hand_over_are_condensed_again(monkeypatch):
+    """An in-place write after the hand-over, and a layer called twice: the views equal
+    those condensed from the finished report, not from the tensors handed over."""
+    from tests.test_inspection import _LateWrites
+
+    monkeypatch.setenv("BNVIZ_CONDENSE_WORKERS", "2")
+    torch.manual_seed(0)
+    net = _LateWrites().eval()
+    x = torch.randn(2, 3, 6, 6)
+    overlapped = dash.OverlappedCondensing(dash._overlap_pool())
+    report = bnviz.inspect(net, x, "train", keep_tensors=True, tensor_sink=overlapped)
+    assert overlapped.stale == {"a", "c"}
+    assert overlapped.job("a") is None and overlapped.job("b") is not None
+    during = dash.build_view_data(report, random_init=False, overlapped=overlapped)
+    assert_same_layer_views(during.layers, dash.build_view_data(report,
+                                                                random_init=False).layers)
+    # a's activation as ReLU made it: the later add_ does not show in its samples
+    a = during.layer("a")
+    np.testing.assert_array_equal(a.sample_activation, np.maximum(a.sample_native, 0))
+
+
+def test_a_condensing_job_runs_once_and_passes_its_error_on():
+    runs: list = []
+
+    def work():
+        runs.append(1)
+        raise ValueError("broken layer")
+
+    job = dash._Job(work)
+    assert not job.started
+    threads = [threading.Thread(target=job.run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert job.started and runs == [1]
+    with pytest.raises(ValueError, match="broken layer"):
+        job.result()
 
 
 def test_manual_check_note_names_the_code(lite_view):

@@ -716,3 +716,81 @@ def test_layer_names_follow_renamed_and_replaced_modules():
     assert report.layers == [] and "no_batchnorm" in report.notes
     net.norm = bn
     assert names() == ["norm"]
+
+
+class _RecordingSink:
+    """A TensorSink that notes what it is handed, and when, relative to the forward."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+        self.handed: dict[str, bnviz.inspection.KeptTensors] = {}
+        self.changed_names: list[str] = []
+
+    def ready(self, name, tensors) -> None:
+        self.events.append(f"ready {name}")
+        # what the values were at hand-off time (the tensors themselves may change later)
+        self.handed[name] = bnviz.inspection.KeptTensors(
+            *(t.clone() if isinstance(t, torch.Tensor) else t for t in tensors))
+
+    def changed(self, name) -> None:
+        self.events.append(f"changed {name}")
+        self.changed_names.append(name)
+
+
+#: What the forward below has reached (module level: inspect runs a deep copy of the net).
+_FORWARD_EVENTS: list[str] = []
+
+
+class _LateWrites(nn.Module):
+    """BN layers whose tensors change after the next BN layer started: an in-place add on
+    an activation output, and a BN module called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.a = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.BatchNorm2d(4)
+        self.c = nn.BatchNorm2d(4)
+        self.d = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        act = torch.relu(self.a(self.conv1(x)))  # out of place: a new tensor
+        y = self.b(self.conv2(act))
+        _FORWARD_EVENTS.append("b done")
+        act.add_(1.0)  # later, in place, on a's activation output
+        y = self.c(y + act)
+        y = self.d(y)
+        return self.c(y)  # c again: its record is replaced
+
+
+def test_tensor_sink_gets_layers_during_the_forward_and_hears_of_later_changes():
+    events = _FORWARD_EVENTS
+    events.clear()
+    torch.manual_seed(0)
+    net = _LateWrites().eval()
+    x = torch.randn(2, 3, 5, 5)
+    sink = _RecordingSink(events)
+    report = bnviz.inspect(net, x, modes="train", keep_tensors=True, tensor_sink=sink)
+    # a is handed over when b starts, before the forward reaches the rest of the network
+    assert events.index("ready a") < events.index("b done")
+    assert events.index("ready b") > events.index("b done")  # handed when c starts
+    assert sorted(sink.handed) == ["a", "b", "c", "d"]  # every kept layer, once
+    assert sorted(set(sink.changed_names)) == ["a", "c"]
+    # the report keeps what a's activation produced, not what the later add_ made of it
+    a = report.layer("a")
+    torch.testing.assert_close(a.activation_output, torch.relu(a.output))
+    torch.testing.assert_close(a.activation_output, sink.handed["a"].activation_output)
+    # unchanged layers: the report's tensors are exactly the ones handed over
+    for name in ("b", "d"):
+        layer, kept = report.layer(name), sink.handed[name]
+        assert torch.equal(layer.input, kept.input) and torch.equal(layer.output, kept.output)
+        assert torch.equal(layer.output_reference, kept.output_reference)
+        assert kept.overwritten_by == layer.overwritten_by
+    # nothing is handed over when no tensors are kept, or only for the named layers
+    none = _RecordingSink([])
+    bnviz.inspect(net, x, modes="train", keep_tensors=False, tensor_sink=none)
+    assert none.handed == {}
+    some = _RecordingSink([])
+    bnviz.inspect(net, x, modes="train", keep_tensors=["b"], tensor_sink=some)
+    assert list(some.handed) == ["b"]
