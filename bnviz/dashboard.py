@@ -1267,8 +1267,17 @@ def compute_view_data(loaded, x: torch.Tensor, modes: Mapping[str, str] | str | 
         _forward_finished()
 
 
-#: Seconds without a forward before the freed activation memory goes back to the system.
-RELEASE_DELAY_S = 10.0
+def _release_delay() -> float:
+    wanted = os.environ.get("BNVIZ_RELEASE_DELAY_S", "")
+    try:
+        return max(0.0, float(wanted)) if wanted else 120.0
+    except ValueError:
+        return 120.0
+
+
+#: Seconds without a forward before the freed activation memory goes back to the system
+#: (``BNVIZ_RELEASE_DELAY_S``, default 120; see :func:`release_memory` for why so long).
+RELEASE_DELAY_S = _release_delay()
 _RELEASE_LOCK = threading.Lock()
 _RELEASE = {"running": 0, "timer": None}
 
@@ -1317,8 +1326,11 @@ def release_memory() -> None:
     :func:`compute_view_data` calls it only once no forward has run for
     :data:`RELEASE_DELAY_S` seconds: the next forward would otherwise fault all those pages
     in again (measured, efficientnet_lite0, batch 8, one thread: forward 720-870 ms right
-    after a trim, 430-570 ms reusing the heap), so a student toggling modes gets the fast
-    path and an idle server still gives the memory back.
+    after a trim, 430-570 ms reusing the heap). The delay is two minutes, not seconds,
+    because a student reads the charts before the next change: with a 10 s delay, a mode
+    toggle after 12 s of reading took 0.95-1.37 s on the server, with 120 s 0.45-0.75 s
+    (five toggles each, two runs). The price is that a server idle for less than two
+    minutes still holds one forward's activations (~650 MB at batch 8) as free heap.
     """
     # Streamlit's collection after every rerun is switched off (``runner.postScriptGC`` in
     # .streamlit/config.toml: it delayed every layer switch by ~40 ms); reference cycles a
