@@ -36,6 +36,7 @@ import io
 import math
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -1077,10 +1078,12 @@ def condense_workers() -> int:
 _POOLS: dict[str, ThreadPoolExecutor] = {}
 
 
-def _pool(name: str, workers: int) -> ThreadPoolExecutor:
+def _pool(name: str, workers: int, initializer: Callable[[], None] | None = None,
+          ) -> ThreadPoolExecutor:
     with _CONDENSE_LOCK:
         if name not in _POOLS:
-            _POOLS[name] = ThreadPoolExecutor(workers, thread_name_prefix=f"bnviz-{name}")
+            _POOLS[name] = ThreadPoolExecutor(workers, thread_name_prefix=f"bnviz-{name}",
+                                              initializer=initializer)
         return _POOLS[name]
 
 
@@ -1131,8 +1134,33 @@ def overlap_workers() -> int:
     return max(1, (os.cpu_count() or 1) - torch.get_num_threads())
 
 
+#: Scheduling priority (``nice``) of the threads that condense during the forward.
+OVERLAP_NICE = 10
+
+
+def _yield_to_others() -> None:
+    """Run this thread at a lower priority, so it only takes CPU that nobody else wants.
+
+    Why: on a laptop the student's browser shares the cores with the server, and on a
+    class server other sessions' forwards do. Measured with the browser on the same 2
+    cores, a condensing worker at normal priority took the core the browser needed to draw
+    the first charts of a cold start (~0.5 s later). At nice 10 it gets what the browser
+    and the forwards leave; whatever it has not done by the forward's end is done by the
+    normal-priority pool, as without it. Linux only: elsewhere a thread id is not
+    something ``setpriority`` takes.
+    """
+    if sys.platform.startswith("linux"):
+        tid = threading.get_native_id()
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < OVERLAP_NICE:  # never raise it
+                os.setpriority(os.PRIO_PROCESS, tid, OVERLAP_NICE)
+        except OSError:  # not permitted (seccomp, say): run at normal priority
+            pass
+
+
 def _overlap_pool() -> ThreadPoolExecutor | None:
-    return _pool("overlap", overlap_workers()) if overlap_workers() > 0 else None
+    workers = overlap_workers()
+    return _pool("overlap", workers, _yield_to_others) if workers > 0 else None
 
 
 class OverlappedCondensing:

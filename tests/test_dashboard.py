@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -357,6 +358,37 @@ def test_layers_changed_after_the_hand_over_are_condensed_again(monkeypatch):
     # a's activation as ReLU made it: the later add_ does not show in its samples
     a = during.layer("a")
     np.testing.assert_array_equal(a.sample_activation, np.maximum(a.sample_native, 0))
+
+
+def test_condensing_during_a_resnet_forward_equals_condensing_after_it(resnet, monkeypatch):
+    """torchvision's BasicBlock adds the shortcut in place to bn2's output *after* the
+    downsample BN has started (the hand-over): those layers are redone, and every view equals
+    the one condensed from the finished report."""
+    monkeypatch.setenv("BNVIZ_CONDENSE_WORKERS", "2")
+    x = bnviz.make_stimulus("image", SIZE, BATCH, composition="different", name="coffee")
+    overlapped = dash.OverlappedCondensing(dash._overlap_pool())
+    report = bnviz.inspect(resnet, x, "train", device="cpu", keep_tensors=True,
+                           tensor_sink=overlapped)
+    assert {"layer2.0.bn2", "layer3.0.bn2", "layer4.0.bn2"} <= overlapped.stale
+    assert len(overlapped.jobs) - len(overlapped.stale) >= 10  # the rest were used as handed
+    during = dash.build_view_data(report, random_init=True, overlapped=overlapped)
+    assert_same_layer_views(during.layers,
+                            dash.build_view_data(report, random_init=True).layers)
+    assert during.layer("layer2.0.bn2").overwritten_by == "add_"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="per-thread priorities are a Linux feature")
+def test_condensing_during_the_forward_only_takes_spare_cpu(monkeypatch):
+    """The overlap worker runs at a lower priority (the browser or other sessions' forwards
+    come first); the calling thread and the process keep theirs."""
+    monkeypatch.setenv("BNVIZ_CONDENSE_WORKERS", "2")
+    monkeypatch.delenv("BNVIZ_OVERLAP", raising=False)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    worker = dash._overlap_pool().submit(
+        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert worker == max(mine, dash.OVERLAP_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
 def test_a_condensing_job_runs_once_and_passes_its_error_on():
