@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -1091,40 +1091,6 @@ def _condense_pool() -> ThreadPoolExecutor | None:
     return _pool("condense", condense_workers()) if condense_workers() > 1 else None
 
 
-class _Job:
-    """One layer's condensing, run once by whichever thread claims it first."""
-
-    def __init__(self, work: Callable[[], CondensedTensors]) -> None:
-        self._work: Callable[[], CondensedTensors] | None = work
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._result: CondensedTensors | None = None
-        self._error: BaseException | None = None
-
-    def run(self) -> None:
-        with self._lock:
-            work, self._work = self._work, None
-        if work is None:  # claimed by another thread
-            return
-        try:
-            self._result = work()
-        except BaseException as exc:  # re-raised in the thread that waits for it
-            self._error = exc
-        finally:
-            self._done.set()
-
-    @property
-    def started(self) -> bool:
-        with self._lock:
-            return self._work is None
-
-    def result(self) -> CondensedTensors:
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._result  # type: ignore[return-value]
-
-
 def overlap_workers() -> int:
     """Threads that condense layers *while the forward runs*: the cores the forward leaves
     free (cores - torch threads, at least 1); 0 when ``BNVIZ_OVERLAP=0`` or with one
@@ -1176,18 +1142,20 @@ class OverlappedCondensing:
 
     def __init__(self, pool: ThreadPoolExecutor) -> None:
         self._pool = pool
-        self.jobs: dict[str, _Job] = {}
+        self.jobs: dict[str, Future] = {}  # layer -> its condensing, as handed over
         self.stale: set[str] = set()
 
     def ready(self, name: str, tensors) -> None:
-        job = _Job(functools.partial(condense_tensors, *tensors))
-        self.jobs[name] = job
-        self._pool.submit(job.run)
+        self.jobs[name] = self._pool.submit(condense_tensors, *tensors)
 
     def changed(self, name: str) -> None:
         self.stale.add(name)
+        job = self.jobs.get(name)
+        if job is not None:
+            job.cancel()  # not worth finishing if it has not started: it would be redone
 
-    def job(self, name: str) -> _Job | None:
+    def job(self, name: str) -> Future | None:
+        """The layer's condensing if it is still valid, else None (condense the report's)."""
         return None if name in self.stale else self.jobs.get(name)
 
 
@@ -1205,20 +1173,24 @@ def condense_layers(layers: Sequence[LayerReport],
     ``overlapped``: the layers handed over during the forward; those already condensed (or
     being condensed) are taken from it, the pool does the rest.
     """
-    jobs = []
-    for layer in layers:
+    condensed: list[CondensedTensors | None] = [None] * len(layers)
+    running: dict[int, Future] = {}  # started on the overlap pool: wait for those
+    todo = []
+    for i, layer in enumerate(layers):
         job = overlapped.job(layer.name) if overlapped is not None else None
-        jobs.append(job or _Job(functools.partial(condense_layer_tensors, layer)))
-    todo = sorted((i for i, job in enumerate(jobs) if not job.started),
-                  key=lambda i: -_numel(layers[i].input))
+        if job is not None and not job.cancel():  # started (or done) during the forward
+            running[i] = job
+        else:
+            todo.append(i)
+    todo.sort(key=lambda i: -_numel(layers[i].input))
     pool = _condense_pool()
-    if pool is None or len(todo) < 2:
-        for i in todo:
-            jobs[i].run()
-    else:
-        list(pool.map(lambda i: jobs[i].run(), todo))
-    return tuple(layer_view(layer, job.result())
-                 for layer, job in zip(layers, jobs, strict=True))
+    work = (condense_layer_tensors(layers[i]) for i in todo) if pool is None or len(todo) < 2 \
+        else pool.map(lambda i: condense_layer_tensors(layers[i]), todo)
+    for i, c in zip(todo, work, strict=True):
+        condensed[i] = c
+    for i, job in running.items():
+        condensed[i] = job.result()
+    return tuple(layer_view(layer, c) for layer, c in zip(layers, condensed, strict=True))
 
 
 def _numel(t: torch.Tensor | None) -> int:
@@ -1296,6 +1268,7 @@ def compute_view_data(loaded, x: torch.Tensor, modes: Mapping[str, str] | str | 
 
 
 def _release_delay() -> float:
+    """``BNVIZ_RELEASE_DELAY_S`` as seconds (>= 0), 120 when unset or not a number."""
     wanted = os.environ.get("BNVIZ_RELEASE_DELAY_S", "")
     try:
         return max(0.0, float(wanted)) if wanted else 120.0

@@ -391,23 +391,40 @@ def test_condensing_during_the_forward_only_takes_spare_cpu(monkeypatch):
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
-def test_a_condensing_job_runs_once_and_passes_its_error_on():
-    runs: list = []
+def test_condensing_errors_reach_the_caller_and_stale_work_is_cancelled(monkeypatch):
+    """A layer whose condensing fails during the forward fails the view, as it would after
+    the forward; a layer that changes before its turn on the worker is never condensed
+    there (it is redone from the report)."""
+    from concurrent.futures import ThreadPoolExecutor, wait
 
-    def work():
-        runs.append(1)
+    from tests.test_inspection import _LateWrites
+
+    def broken(*tensors):
         raise ValueError("broken layer")
 
-    job = dash._Job(work)
-    assert not job.started
-    threads = [threading.Thread(target=job.run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert job.started and runs == [1]
-    with pytest.raises(ValueError, match="broken layer"):
-        job.result()
+    monkeypatch.setattr(dash, "condense_tensors", broken)
+    torch.manual_seed(0)
+    net = _LateWrites().eval()
+    x = torch.randn(2, 3, 6, 6)
+    with ThreadPoolExecutor(1) as pool:
+        overlapped = dash.OverlappedCondensing(pool)
+        report = bnviz.inspect(net, x, "train", keep_tensors=True, tensor_sink=overlapped)
+        wait(overlapped.jobs.values())  # finished on the worker: their errors are what counts
+        assert isinstance(overlapped.jobs["b"].exception(), ValueError)
+        with pytest.raises(ValueError, match="broken layer"):
+            dash.build_view_data(report, random_init=False, overlapped=overlapped)
+
+        release = threading.Event()
+        pool.submit(release.wait)  # the worker is busy: what is handed over waits
+        overlapped = dash.OverlappedCondensing(pool)
+        overlapped.ready("first", (None,) * 5)
+        overlapped.ready("second", (None,) * 5)
+        overlapped.changed("second")
+        assert overlapped.jobs["second"].cancelled() and overlapped.job("second") is None
+        assert overlapped.job("first") is overlapped.jobs["first"]
+        release.set()
+        with pytest.raises(ValueError, match="broken layer"):
+            overlapped.jobs["first"].result()
 
 
 def test_manual_check_note_names_the_code(lite_view):
