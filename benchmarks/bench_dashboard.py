@@ -224,29 +224,27 @@ def interactions(repeats: int) -> dict:
                 results["bytes"].setdefault("channel", []).append(sent)
 
             modes = ["eval", "train"]
-            for i in range(repeats):
+
+            def toggle(i: int, kind: str) -> None:
+                nonlocal offset
                 before = bs.chart_signature(page, "Network overview")
                 group = page.locator('[data-testid="stRadio"]').filter(
                     has=page.get_by_text("Global mode (all BN layers)", exact=True)).first
                 option = group.get_by_text(modes[i % 2], exact=True).first
                 *dt, sent = _timed(page, wire, option.click, "Network overview", before)
-                results["mode"].append(dt[1])
-                results["first_change"].setdefault("mode", []).append(dt[0])
+                results.setdefault(kind, []).append(dt[1])
+                results["first_change"].setdefault(kind, []).append(dt[0])
                 server, offset = _server_ms(srv, offset)
-                results["server_ms"].setdefault("mode", []).append(server)
-                results["bytes"].setdefault("mode", []).append(sent)
+                results["server_ms"].setdefault(kind, []).append(server)
+                results["bytes"].setdefault(kind, []).append(sent)
+
+            for i in range(repeats):
+                toggle(i, "mode")
             # The same toggle after a student has read the charts for a while (the server
             # keeps the freed activation memory for BNVIZ_RELEASE_DELAY_S, default 120 s).
             for i in range(PAUSED_TOGGLES):
                 time.sleep(PAUSE_S)
-                before = bs.chart_signature(page, "Network overview")
-                group = page.locator('[data-testid="stRadio"]').filter(
-                    has=page.get_by_text("Global mode (all BN layers)", exact=True)).first
-                option = group.get_by_text(modes[(repeats + i) % 2], exact=True).first
-                *dt, sent = _timed(page, wire, option.click, "Network overview", before)
-                results.setdefault("mode_paused", []).append(dt[1])
-                server, offset = _server_ms(srv, offset)
-                results["server_ms"].setdefault("mode_paused", []).append(server)
+                toggle(repeats + i, "mode_paused")
             print(f"  layer {[round(x, 3) for x in results['layer']]}", flush=True)
             print(f"  channel {[round(x, 3) for x in results['channel']]}", flush=True)
             print(f"  mode {[round(x, 3) for x in results['mode']]}", flush=True)

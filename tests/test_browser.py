@@ -116,6 +116,7 @@ def test_chart_code_is_loaded_before_any_chart(page, server):
                            ".map(e => e.name).filter(n => n.includes('/PlotlyChart.'))")
     assert len(loaded) == 1, loaded
 
+
 def test_layer_and_channel_change_the_charts(page, server):
     open_app(page, server, charts=4)
     stats_before = bs.chart_signature(page, "batch vs running")

@@ -165,6 +165,7 @@ def test_photos_are_the_pixels_scikit_image_gives(name):
     assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
     assert os.path.isfile(os.path.join(skimage.data.data_dir, stimuli._PHOTO_FILES[name]))
 
+
 def test_photo_cache_is_not_aliased():
     a = make_stimulus("image", SIZE)
     a.zero_()
