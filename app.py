@@ -85,15 +85,16 @@ def get_stimulus(key: str, _cfg: dash.DashConfig, _upload_path: str | None) -> t
 @st.cache_resource(show_spinner=False, max_entries=dash.view_cache_entries(), ttl=3 * 3600)
 def get_view(key: str, _loaded, _x: torch.Tensor, modes_json: str, device: str,
              random_init: bool) -> dash.ViewData:
-    """One inspect call per configuration ``key``; the condensed result is shared read-only."""
-    return dash.compute_view_data(_loaded, _x, json.loads(modes_json), device,
-                                  random_init=random_init)
+    """One inspect call per configuration ``key`` (made ahead of time if it was prefetched);
+    the condensed result is shared read-only."""
+    return dash.view_data(key, _loaded, _x, json.loads(modes_json), device,
+                          random_init=random_init)
 
 
 @st.cache_resource(show_spinner=False, max_entries=dash.view_cache_entries(), ttl=3 * 3600)
 def get_eval_predictions(key: str, _loaded, _x: torch.Tensor,
                          device: str) -> dash.EvalPredictions:
-    return dash.compute_eval_predictions(_loaded, _x, device)
+    return dash.eval_predictions(key, _loaded, _x, device)
 
 
 # -- session state: seeded once from the URL -------------------------------------------------
@@ -517,6 +518,10 @@ def main() -> None:
         st.error(str(exc))
     predictions_fragment(view, reference)
     view_export(view, cfg)
+    # While the student reads all this, the server computes the same configuration with the
+    # other global mode (the usual next question), at low priority: a toggle then only
+    # draws. Never while a forward somebody waits for runs; BNVIZ_PREFETCH=0 switches it off.
+    dash.prefetch_other_mode(cfg, view, loaded, x, layer_names, device)
 
 
 @st.fragment

@@ -36,7 +36,6 @@ import io
 import math
 import os
 import re
-import sys
 import tempfile
 import threading
 import time
@@ -53,6 +52,7 @@ from .errors import BnvizError, ModeError, StimulusError
 from .inspection import InspectionReport, LayerReport, UsedStatistics
 from .models import DEFAULT_MODEL, list_models
 from .modes import TRACK_CHOICES, parse_mode
+from .prefetch import Cancelled, Prefetcher, lower_thread_priority
 
 # The submodule itself, without importing the package first (see bnviz/manual_bn.py's
 # import of probe_kernel: ``from . import x`` can deadlock concurrent first imports).
@@ -1112,16 +1112,9 @@ def _yield_to_others() -> None:
     cores, a condensing worker at normal priority took the core the browser needed to draw
     the first charts of a cold start (~0.5 s later). At nice 10 it gets what the browser
     and the forwards leave; whatever it has not done by the forward's end is done by the
-    normal-priority pool, as without it. Linux only: elsewhere a thread id is not
-    something ``setpriority`` takes.
+    normal-priority pool, as without it.
     """
-    if sys.platform.startswith("linux"):
-        tid = threading.get_native_id()
-        try:
-            if os.getpriority(os.PRIO_PROCESS, tid) < OVERLAP_NICE:  # never raise it
-                os.setpriority(os.PRIO_PROCESS, tid, OVERLAP_NICE)
-        except OSError:  # not permitted (seccomp, say): run at normal priority
-            pass
+    lower_thread_priority(OVERLAP_NICE)
 
 
 def _overlap_pool() -> ThreadPoolExecutor | None:
@@ -1140,13 +1133,24 @@ class OverlappedCondensing:
     is always what :func:`condense_layers` makes from the report alone.
     """
 
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, pool: ThreadPoolExecutor | None,
+                 cancel: threading.Event | None = None) -> None:
         self._pool = pool
+        self._cancel = cancel
         self.jobs: dict[str, Future] = {}  # layer -> its condensing, as handed over
         self.stale: set[str] = set()
 
     def ready(self, name: str, tensors) -> None:
-        self.jobs[name] = self._pool.submit(condense_tensors, *tensors)
+        if self._cancel is not None and self._cancel.is_set():
+            self.cancel_all()
+            raise Cancelled(f"stopped before {name}: a forward somebody waits for started")
+        if self._pool is not None:  # without a pool it only watches ``cancel``
+            self.jobs[name] = self._pool.submit(condense_tensors, *tensors)
+
+    def cancel_all(self) -> None:
+        """Cancel every handed-over layer whose condensing has not started."""
+        for job in self.jobs.values():
+            job.cancel()
 
     def changed(self, name: str) -> None:
         self.stale.add(name)
@@ -1232,7 +1236,7 @@ def build_view_data(report: InspectionReport, *, random_init: bool,
 # -- running the network (counted, so tests can prove selection does not recompute) -------
 
 _COUNTER_LOCK = threading.Lock()
-INSPECT_CALLS = {"view": 0, "eval": 0}
+INSPECT_CALLS = {"view": 0, "eval": 0, "prefetch": 0}
 
 
 def _count(kind: str) -> None:
@@ -1247,24 +1251,91 @@ def inspect_calls() -> dict[str, int]:
 
 def compute_view_data(loaded, x: torch.Tensor, modes: Mapping[str, str] | str | None,
                       device: str, *, random_init: bool,
-                      meta: Mapping[str, Any] | None = None) -> ViewData:
-    """One :func:`bnviz.inspect` call (all tensors kept), condensed; the report is dropped."""
+                      meta: Mapping[str, Any] | None = None,
+                      cancel: threading.Event | None = None) -> ViewData:
+    """One :func:`bnviz.inspect` call (all tensors kept), condensed; the report is dropped.
+
+    ``cancel``: checked at every BatchNorm layer (CPU); once set, the forward stops there
+    with :class:`bnviz.prefetch.Cancelled` (a prefetch that a waiting student overtook).
+    """
     from .inspection import inspect
 
-    _count("view")
+    _count("view" if cancel is None else "prefetch")
     _forward_started()
     pool = _overlap_pool()
-    overlapped = OverlappedCondensing(pool) if pool is not None else None
+    overlapped = OverlappedCondensing(pool, cancel) \
+        if pool is not None or cancel is not None else None
     try:
         report = inspect(loaded, x, modes=modes, device=device, keep_tensors=True,
                          tensor_sink=overlapped)
-        try:
-            return build_view_data(report, random_init=random_init, meta=meta,
-                                   overlapped=overlapped)
-        finally:
-            del report
-    finally:
+    except BaseException:
+        if overlapped is not None:
+            overlapped.cancel_all()
         _forward_finished()
+        raise
+    try:
+        return build_view_data(report, random_init=random_init, meta=meta,
+                               overlapped=overlapped)
+    finally:
+        del report
+        _forward_finished()
+
+
+def view_data(key: Any, loaded, x: torch.Tensor, modes: Mapping[str, str], device: str, *,
+              random_init: bool, prefetcher: Prefetcher | None = None) -> ViewData:
+    """The view of configuration ``key``: prefetched if it was, else computed now.
+
+    The app's cached loader calls this, so a configuration is computed at most once in the
+    foreground; the prefetcher is told it was (not worth prefetching again).
+    """
+    pre = PREFETCH if prefetcher is None else prefetcher
+    view = pre.take(key)
+    if view is None:
+        with pre.foreground(key):
+            view = compute_view_data(loaded, x, modes, device, random_init=random_init)
+    pre.remember(key)
+    return view
+
+
+def prefetch_other_mode(cfg: DashConfig, view: ViewData, loaded, x: torch.Tensor,
+                        layer_names: Sequence[str], device: str, *,
+                        prefetcher: Prefetcher | None = None) -> bool:
+    """Ask for ``cfg`` with the other global mode (same overrides), the view a student
+    most likely opens next; False if there is nothing to ask for.
+
+    Also offers the all-eval reference predictions when ``view`` is all-eval, so a toggle
+    away from eval does not need a second forward for them.
+    """
+    pre = PREFETCH if prefetcher is None else prefetcher
+    pre.remember(repr(cfg.compute_key()))
+    if not pre.enabled:
+        return False
+    modes = overrides_to_modes(cfg.mode, cfg.override_dict, layer_names)
+    if set(modes.values()) == {"eval"}:
+        pre.offer(("eval", repr(cfg.eval_key())),
+                  EvalPredictions(view.predictions, view.forward_ms))
+    other = replace(cfg, mode="eval" if cfg.mode == "train" else "train")
+    try:
+        other_modes = overrides_to_modes(other.mode, other.override_dict, layer_names)
+    except BnvizError:  # an override that is invalid in the other mode: nothing to show
+        return False
+    random_init = cfg.random_init
+    return pre.schedule(
+        repr(other.compute_key()),
+        lambda cancel: compute_view_data(loaded, x, other_modes, device,
+                                         random_init=random_init, cancel=cancel))
+
+
+def eval_predictions(key: Any, loaded, x: torch.Tensor, device: str, *,
+                     prefetcher: Prefetcher | None = None) -> EvalPredictions:
+    """The all-eval reference of ``key`` (:meth:`DashConfig.eval_key`): offered by an
+    all-eval view of the same input if there was one, else computed now."""
+    pre = PREFETCH if prefetcher is None else prefetcher
+    ref = pre.take(("eval", key))
+    if ref is None:
+        with pre.foreground(("eval", key)):
+            ref = compute_eval_predictions(loaded, x, device)
+    return ref
 
 
 def _release_delay() -> float:
@@ -1663,3 +1734,12 @@ def view_cache_entries() -> int:
     """How many configurations the server keeps condensed (``BNVIZ_VIEW_CACHE``, default 16)."""
     wanted = os.environ.get("BNVIZ_VIEW_CACHE", "")
     return int(wanted) if wanted.isdigit() and int(wanted) > 0 else 16
+
+
+#: The process-wide prefetcher of views (``BNVIZ_PREFETCH=0`` switches it off): see
+#: :mod:`bnviz.prefetch` and :func:`prefetch_other_mode`. It remembers as many computed
+#: configurations as the app's view cache holds, so what that cache has dropped is
+#: prefetched again; it keeps at most 4 finished views nobody has taken yet (~40-80 MB each
+#: at batch 8).
+PREFETCH = Prefetcher(capacity=4, enabled=os.environ.get("BNVIZ_PREFETCH") != "0",
+                      remembered=view_cache_entries())

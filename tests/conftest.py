@@ -13,6 +13,16 @@ def device(request) -> str:
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def _no_background_prefetch(monkeypatch):
+    """In-process tests (AppTest, dashboard) count forwards and compare numbers per run, so
+    the dashboard's background prefetch is off there; tests/test_prefetch.py switches it on
+    where it is the subject. Servers started by the browser tests keep the app's default."""
+    from bnviz import dashboard
+
+    monkeypatch.setattr(dashboard.PREFETCH, "enabled", False)
+
+
 @pytest.fixture(scope="session")
 def lite():
     """The offline default model (real ImageNet weights). Tests must not mutate it."""

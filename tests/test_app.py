@@ -275,6 +275,32 @@ def test_switching_back_reuses_the_cache():
     assert dash.inspect_calls() == calls
 
 
+def test_a_mode_toggle_takes_the_prefetched_other_mode(monkeypatch):
+    """With prefetching on (the app's default; conftest switches it off for the other
+    in-process tests, which count forwards), the other global mode is computed after the
+    page is drawn and the toggle shows it without a forward: the same charts as computing
+    it on the toggle itself."""
+    from bnviz.prefetch import Prefetcher
+
+    pre = Prefetcher()
+    monkeypatch.setattr(dash, "PREFETCH", pre)
+    at = run(new_app(seed="131"))
+    assert pre.idle(TIMEOUT) and pre.counts["finished"] == 1
+    calls = dash.inspect_calls()
+    at.radio(key="mode").set_value("eval")
+    run(at)
+    assert dash.inspect_calls()["view"] == calls["view"] and pre.counts["taken"] == 1
+    assert "BN used the running ones" in "".join(charts(at))
+    assert pre.idle(TIMEOUT) and pre.counts["skipped"] == 1  # train: computed already
+    shown = charts(at)
+
+    monkeypatch.setattr(dash, "PREFETCH", Prefetcher(enabled=False))
+    streamlit.cache_resource.clear()  # the same configuration, computed on the spot
+    fresh = run(new_app(seed="131", mode="eval"))
+    assert dash.inspect_calls()["view"] == calls["view"] + 1
+    assert charts(fresh) == shown
+
+
 # -- controls -------------------------------------------------------------------------------------
 
 
