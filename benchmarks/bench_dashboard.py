@@ -54,7 +54,8 @@ TIMEOUT_MS = 180_000
 VIEWPORT = {"width": 1400, "height": 1000}
 #: What ``make run`` adds to the server's environment (see the Makefile and README): glibc
 #: reuses freed activation memory instead of page-faulting fresh mmaps on every forward.
-MAKE_RUN_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+MAKE_RUN_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+                "MALLOC_ARENA_MAX": "1"}
 #: Toggles timed after a pause, and the pause: a student reading the charts first.
 PAUSED_TOGGLES, PAUSE_S = 5, 15.0
 #: The memory part's release delay (s): readings then wait only a little longer than this.
