@@ -593,9 +593,16 @@ def test_every_registry_model_renders(name):
 # -- many students, one server ------------------------------------------------------------
 
 
-def test_two_sessions_interleaved_never_mix_numbers():
+@pytest.mark.parametrize("prefetch", [False, True], ids=["plain", "prefetching"])
+def test_two_sessions_interleaved_never_mix_numbers(prefetch, monkeypatch):
     """Two students with different modes, runs interleaved: each sees only their numbers,
-    and the shared cached model is never changed."""
+    and the shared cached model is never changed -- also while the server prefetches each
+    one's other mode in the background, next to the other student's forwards."""
+    from bnviz.prefetch import Prefetcher
+
+    pre = Prefetcher(enabled=prefetch)
+    monkeypatch.setattr(dash, "PREFETCH", pre)
+    streamlit.cache_resource.clear()  # both variants compute (or prefetch) every view
     fresh = bnviz.load_model("efficientnet_lite0").module.state_dict()
     a = new_app(seed="105", mode="train")
     b = new_app(seed="105", mode="eval", ov="_bn0:train,momentum=none")
@@ -620,6 +627,21 @@ def test_two_sessions_interleaved_never_mix_numbers():
             modes = [c[2] for c in overview["data"][0]["customdata"]]
             assert modes == [ly.mode for ly in ref.layers]
             assert modes != [ly.mode for ly in other.layers]
+    if prefetch:  # b ran last: its other mode (train, with b's override) was prefetched
+        assert pre.idle(TIMEOUT)
+        taken, views = pre.counts["taken"], dash.inspect_calls()["view"]
+        b.radio(key="mode").set_value("train")
+        run(b)
+        assert pre.counts["taken"] == taken + 1 and dash.inspect_calls()["view"] == views
+        ref_bt = reference({"seed": "105"}, {**dict.fromkeys(names, "train"),
+                                             "_bn0": "train,momentum=none"})
+        stats = chart(b, "_blocks.2._bn1: batch vs running")
+        np.testing.assert_array_equal(
+            arr(next(t for t in stats["data"] if t["name"] == "batch mean")["y"]),
+            ref_bt.layer("_blocks.2._bn1").batch_mean.numpy())
+        overview = chart(b, "Network overview")
+        assert [c[2] for c in overview["data"][0]["customdata"]] == \
+            [ly.mode for ly in ref_bt.layers]
     a_upd = chart(open_tab(a, 3), "_blocks.2._bn1: running-stat update")
     assert "momentum 0.01" in a_upd["layout"]["title"]["text"]
     # Train-mode forwards of both sessions must not have touched the shared model's running
@@ -633,3 +655,4 @@ def test_two_sessions_interleaved_never_mix_numbers():
     fresh_mean = fresh[[k for k in fresh if k.endswith("_blocks.2._bn1.running_mean")][0]]
     np.testing.assert_array_equal(ref_c.running_mean_before.numpy(), fresh_mean.numpy())
     assert chart(open_tab(c, 2), "_blocks.2._bn1, channel 0: distribution")
+
