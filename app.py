@@ -521,7 +521,7 @@ def main() -> None:
     # While the student reads all this, the server computes the same configuration with the
     # other global mode (the usual next question), at low priority: a toggle then only
     # draws. Never while a forward somebody waits for runs; BNVIZ_PREFETCH=0 switches it off.
-    dash.prefetch_other_mode(cfg, view, loaded, x, layer_names, device)
+    dash.prefetch_other_mode(cfg, modes, view, loaded, x, layer_names, device)
 
 
 @st.fragment

@@ -1164,7 +1164,8 @@ class OverlappedCondensing:
 
 
 def condense_layers(layers: Sequence[LayerReport],
-                    overlapped: OverlappedCondensing | None = None) -> tuple[LayerView, ...]:
+                    overlapped: OverlappedCondensing | None = None, *,
+                    pooled: bool = True) -> tuple[LayerView, ...]:
     """:func:`layer_view` of every layer, largest first, on a process-wide thread pool.
 
     Condensing runs after the forward while the student waits and the browser is idle, so
@@ -1175,7 +1176,9 @@ def condense_layers(layers: Sequence[LayerReport],
     cores. Each layer's result does not depend on the thread that made it.
 
     ``overlapped``: the layers handed over during the forward; those already condensed (or
-    being condensed) are taken from it, the pool does the rest.
+    being condensed) are taken from it, the pool does the rest. ``pooled=False``: the rest
+    is done in the calling thread (a low-priority prefetch must not hand its work to the
+    normal-priority pool).
     """
     condensed: list[CondensedTensors | None] = [None] * len(layers)
     running: dict[int, Future] = {}  # started on the overlap pool: wait for those
@@ -1187,7 +1190,7 @@ def condense_layers(layers: Sequence[LayerReport],
         else:
             todo.append(i)
     todo.sort(key=lambda i: -_numel(layers[i].input))
-    pool = _condense_pool()
+    pool = _condense_pool() if pooled else None
     work = (condense_layer_tensors(layers[i]) for i in todo) if pool is None or len(todo) < 2 \
         else pool.map(lambda i: condense_layer_tensors(layers[i]), todo)
     for i, c in zip(todo, work, strict=True):
@@ -1213,11 +1216,12 @@ def manual_check_note(manual_check: str) -> str:
 
 def build_view_data(report: InspectionReport, *, random_init: bool,
                     meta: Mapping[str, Any] | None = None,
-                    overlapped: OverlappedCondensing | None = None) -> ViewData:
+                    overlapped: OverlappedCondensing | None = None,
+                    pooled: bool = True) -> ViewData:
     """Condense a report made with ``keep_tensors=True`` into a :class:`ViewData`
-    (``overlapped``: the layers already condensed during its forward)."""
+    (``overlapped`` and ``pooled``: see :func:`condense_layers`)."""
     t0 = time.perf_counter()
-    layers = condense_layers(report.layers, overlapped)
+    layers = condense_layers(report.layers, overlapped, pooled=pooled)
     frame = report.to_frame()
     return ViewData(
         model=report.model, weights=report.weights, random_init=random_init,
@@ -1255,8 +1259,10 @@ def compute_view_data(loaded, x: torch.Tensor, modes: Mapping[str, str] | str | 
                       cancel: threading.Event | None = None) -> ViewData:
     """One :func:`bnviz.inspect` call (all tensors kept), condensed; the report is dropped.
 
-    ``cancel``: checked at every BatchNorm layer (CPU); once set, the forward stops there
-    with :class:`bnviz.prefetch.Cancelled` (a prefetch that a waiting student overtook).
+    ``cancel`` (given by a prefetch): checked at every BatchNorm layer (CPU); once set, the
+    forward stops there with :class:`bnviz.prefetch.Cancelled` (a prefetch that a waiting
+    student overtook). What is left to condense after such a forward is done in the calling
+    (low-priority) thread, not on the normal-priority pool.
     """
     from .inspection import inspect
 
@@ -1266,18 +1272,19 @@ def compute_view_data(loaded, x: torch.Tensor, modes: Mapping[str, str] | str | 
     overlapped = OverlappedCondensing(pool, cancel) \
         if pool is not None or cancel is not None else None
     try:
-        report = inspect(loaded, x, modes=modes, device=device, keep_tensors=True,
-                         tensor_sink=overlapped)
-    except BaseException:
-        if overlapped is not None:
-            overlapped.cancel_all()
-        _forward_finished()
-        raise
-    try:
-        return build_view_data(report, random_init=random_init, meta=meta,
-                               overlapped=overlapped)
+        try:
+            report = inspect(loaded, x, modes=modes, device=device, keep_tensors=True,
+                             tensor_sink=overlapped)
+        except BaseException:
+            if overlapped is not None:
+                overlapped.cancel_all()
+            raise
+        try:
+            return build_view_data(report, random_init=random_init, meta=meta,
+                                   overlapped=overlapped, pooled=cancel is None)
+        finally:
+            del report
     finally:
-        del report
         _forward_finished()
 
 
@@ -1286,22 +1293,22 @@ def view_data(key: Any, loaded, x: torch.Tensor, modes: Mapping[str, str], devic
     """The view of configuration ``key``: prefetched if it was, else computed now.
 
     The app's cached loader calls this, so a configuration is computed at most once in the
-    foreground; the prefetcher is told it was (not worth prefetching again).
+    foreground.
     """
     pre = PREFETCH if prefetcher is None else prefetcher
     view = pre.take(key)
     if view is None:
         with pre.foreground(key):
             view = compute_view_data(loaded, x, modes, device, random_init=random_init)
-    pre.remember(key)
     return view
 
 
-def prefetch_other_mode(cfg: DashConfig, view: ViewData, loaded, x: torch.Tensor,
-                        layer_names: Sequence[str], device: str, *,
+def prefetch_other_mode(cfg: DashConfig, modes: Mapping[str, str], view: ViewData, loaded,
+                        x: torch.Tensor, layer_names: Sequence[str], device: str, *,
                         prefetcher: Prefetcher | None = None) -> bool:
     """Ask for ``cfg`` with the other global mode (same overrides), the view a student
-    most likely opens next; False if there is nothing to ask for.
+    most likely opens next; False if there is nothing to ask for. ``modes`` and ``view``:
+    what ``cfg`` ran with and showed (remembered, so it is not prefetched again).
 
     Also offers the all-eval reference predictions when ``view`` is all-eval, so a toggle
     away from eval does not need a second forward for them.
@@ -1310,7 +1317,6 @@ def prefetch_other_mode(cfg: DashConfig, view: ViewData, loaded, x: torch.Tensor
     pre.remember(repr(cfg.compute_key()))
     if not pre.enabled:
         return False
-    modes = overrides_to_modes(cfg.mode, cfg.override_dict, layer_names)
     if set(modes.values()) == {"eval"}:
         pre.offer(("eval", repr(cfg.eval_key())),
                   EvalPredictions(view.predictions, view.forward_ms))

@@ -173,7 +173,6 @@ class Prefetcher:
             job.waiters -= 1
             if not job.ok:
                 return None
-            self._done.pop(key, None)
             self.counts["taken"] += 1
             return job.value
 
@@ -197,7 +196,7 @@ class Prefetcher:
                 self._cond.notify_all()
 
     def idle(self, timeout: float | None = None) -> bool:
-        """Wait until nothing is pending or running; False on timeout (tests, benchmarks)."""
+        """Wait until nothing is pending or running; False on timeout (for tests)."""
         with self._cond:
             return self._cond.wait_for(
                 lambda: self._running is None and self._pending is None, timeout)

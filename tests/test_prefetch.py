@@ -191,8 +191,10 @@ def test_the_prefetched_other_mode_is_the_view_a_toggle_computes(lite, x96):
     train_modes = dash.overrides_to_modes("train", cfg.override_dict, names)
     shown = dash.view_data(train_key, lite, x96, train_modes, "cpu", random_init=False,
                            prefetcher=pre)
-    assert dash.prefetch_other_mode(cfg, shown, lite, x96, names, "cpu", prefetcher=pre)
-    assert not dash.prefetch_other_mode(cfg, shown, lite, x96, names, "cpu", prefetcher=pre)
+    assert dash.prefetch_other_mode(cfg, train_modes, shown, lite, x96, names, "cpu",
+                                    prefetcher=pre)
+    assert not dash.prefetch_other_mode(cfg, train_modes, shown, lite, x96, names, "cpu",
+                                        prefetcher=pre)
     assert pre.idle(WAIT * 4) and pre.counts["finished"] == 1
 
     toggled = dash.replace(cfg, mode="eval")
@@ -207,14 +209,17 @@ def test_the_prefetched_other_mode_is_the_view_a_toggle_computes(lite, x96):
     assert view.predictions == direct.predictions and view.table_csv == direct.table_csv
     assert _same_state(lite.module, state)
     # toggling back: train was remembered as computed, so it is not prefetched again
-    assert not dash.prefetch_other_mode(toggled, view, lite, x96, names, "cpu", prefetcher=pre)
+    assert not dash.prefetch_other_mode(toggled, eval_modes, view, lite, x96, names, "cpu",
+                                        prefetcher=pre)
 
 
 def test_an_all_eval_view_offers_the_reference_predictions(lite, x96):
     pre = Prefetcher()
     cfg = dash.DashConfig(size=96, batch_size=2, composition="jitter", mode="eval")
     view = dash.compute_view_data(lite, x96, "eval", "cpu", random_init=False)
-    dash.prefetch_other_mode(cfg, view, lite, x96, lite.bn_layer_names, "cpu", prefetcher=pre)
+    names = lite.bn_layer_names
+    dash.prefetch_other_mode(cfg, dict.fromkeys(names, "eval"), view, lite, x96, names, "cpu",
+                             prefetcher=pre)
     calls = dash.inspect_calls()
     ref = dash.eval_predictions(repr(cfg.eval_key()), lite, x96, "cpu", prefetcher=pre)
     assert dash.inspect_calls()["eval"] == calls["eval"]
@@ -244,3 +249,19 @@ def test_a_cancelled_prefetch_stops_at_a_layer_and_leaves_everything_as_it_was(l
     reference = bnviz.inspect(lite, x96, "train", device="cpu", keep_tensors=True)
     assert_same_layer_views(again.layers,
                             dash.build_view_data(reference, random_init=False).layers)
+
+
+def test_a_prefetch_condenses_at_its_own_low_priority(lite, x96, monkeypatch):
+    """What a prefetch leaves to condense after its forward is done in its own thread: the
+    normal-priority pool (which the foreground uses) is never handed its work. The view is
+    the same as the foreground's, pooled."""
+    pooled = dash.compute_view_data(lite, x96, "eval", "cpu", random_init=False)
+    asked: list[bool] = []
+    real = dash._condense_pool
+    monkeypatch.setattr(dash, "_condense_pool", lambda: asked.append(True) or real())
+    view = dash.compute_view_data(lite, x96, "eval", "cpu", random_init=False,
+                                  cancel=threading.Event())
+    assert asked == []
+    assert_same_layer_views(view.layers, pooled.layers)
+    dash.compute_view_data(lite, x96, "eval", "cpu", random_init=False)
+    assert asked == [True]  # the foreground does use it
