@@ -317,7 +317,7 @@ def view_overview(view: dash.ViewData) -> None:
 
 
 def view_layer(view: dash.ViewData, overrides: dict) -> dash.LayerView:
-    """The layer picker and what the layer did (its charts are in the tabs below)."""
+    """The layer picker and what the layer did (its charts are picked below)."""
     names = view.layer_names
     if ss.get("layer") not in names:
         request = ss.pop("_layer_request", "")
@@ -333,7 +333,7 @@ def view_layer(view: dash.ViewData, overrides: dict) -> dash.LayerView:
 
 
 def view_channel(view: dash.ViewData, layer: dash.LayerView) -> int:
-    """Channel and element pickers, then the open tab's charts (only those are built)."""
+    """Channel and element pickers, then the picked chart of the layer (only it is built)."""
     ss["channel"] = dash.clamp_channel(ss.get("channel", 0), layer.num_features)
     c1, c2 = st.columns([1, 2])
     c1.number_input("Channel", min_value=0, max_value=layer.num_features - 1, step=1,
@@ -341,40 +341,41 @@ def view_channel(view: dash.ViewData, layer: dash.LayerView) -> int:
     c2.selectbox("Element for the formula", dash.FORMULA_ELEMENTS, key="element")
     channel = int(ss["channel"])
     label = view.weights_label
-    tabs = st.tabs(dash.LAYER_TABS, key="layer_tab", on_change="rerun")
-    stats_tab, maps_tab, dist_tab, update_tab, manual_tab = tabs
-    if stats_tab.open:
-        with stats_tab:
-            chart(figures.channel_stats_figure(layer, channel, label), key="chart_stats")
-            explain("channel_stats")
-    if maps_tab.open:
-        with maps_tab:
-            chart(figures.feature_map_figure(layer, channel, label), key="chart_maps")
-            explain("feature_maps")
-            gallery = dash.gallery_channels(channel, layer.num_features)
-            chart(figures.channel_gallery_figure(layer, gallery, "input", label),
-                  key="chart_gallery")
-            explain("gallery")
-    if dist_tab.open:
-        with dist_tab:
-            chart(figures.distribution_figure(layer, channel, label), key="chart_dist")
-            explain("distribution")
-            chart(figures.all_channels_figure(layer, channel, label), key="chart_allch")
-            explain("all_channels")
-    if update_tab.open:
-        with update_tab:
-            chart(figures.running_update_figure(layer, channel, label), key="chart_update")
-            st.markdown(dash.running_update_text(layer, channel))
-            explain("running_update")
-    if manual_tab.open:
-        with manual_tab:
-            chart(figures.manual_vs_native_figure(layer, channel, label), key="chart_manual")
-            explain("manual")
-            st.caption(dash.manual_check_note(view.stats_report.manual_check))
-            which = dash.FORMULA_ELEMENTS.index(ss["element"])
-            st.markdown(dash.formula_text(layer.element(channel, which)))
-            explain("formula")
+    # One button row picks which of the layer's charts is drawn (like tabs, but only the
+    # picked chart is built). Not st.tabs: redrawing a tab bar on every layer switch cost
+    # ~30 ms of the browser's time (measured), a quarter of what the switch may take.
+    if ss.get("layer_tab") not in dash.LAYER_TABS:
+        ss["layer_tab"] = dash.LAYER_TABS[0]
+    shown = st.segmented_control("Chart of this layer", dash.LAYER_TABS, key="layer_tab",
+                                 required=True, label_visibility="collapsed")
+    if shown == dash.LAYER_TABS[0]:
+        chart(figures.channel_stats_figure(layer, channel, label), key="chart_stats")
+        explain("channel_stats")
+    elif shown == dash.LAYER_TABS[1]:
+        chart(figures.feature_map_figure(layer, channel, label), key="chart_maps")
+        explain("feature_maps")
+        gallery = dash.gallery_channels(channel, layer.num_features)
+        chart(figures.channel_gallery_figure(layer, gallery, "input", label),
+              key="chart_gallery")
+        explain("gallery")
+    elif shown == dash.LAYER_TABS[2]:
+        chart(figures.distribution_figure(layer, channel, label), key="chart_dist")
+        explain("distribution")
+        chart(figures.all_channels_figure(layer, channel, label), key="chart_allch")
+        explain("all_channels")
+    elif shown == dash.LAYER_TABS[3]:
+        chart(figures.running_update_figure(layer, channel, label), key="chart_update")
+        st.markdown(dash.running_update_text(layer, channel))
+        explain("running_update")
+    else:
+        chart(figures.manual_vs_native_figure(layer, channel, label), key="chart_manual")
+        explain("manual")
+        st.caption(dash.manual_check_note(view.stats_report.manual_check))
+        which = dash.FORMULA_ELEMENTS.index(ss["element"])
+        st.markdown(dash.formula_text(layer.element(channel, which)))
+        explain("formula")
     return channel
+
 
 
 def view_inplace(view: dash.ViewData, layer: dash.LayerView, channel: int) -> None:
@@ -527,8 +528,8 @@ def main() -> None:
 @st.fragment
 def layer_fragment(view: dash.ViewData, overrides: dict, cfg: dash.DashConfig) -> None:
     """Picking a layer reruns only this part of the page: the cached view data is read
-    again, nothing is recomputed, the rest of the page is not resent, and only the open
-    tab's charts are drawn again."""
+    again, nothing is recomputed, the rest of the page is not resent, and only the picked
+    chart is drawn again."""
     t0 = time.perf_counter()
     layer = view_layer(view, overrides)
     channel_fragment(view, layer.name, cfg)
@@ -537,7 +538,7 @@ def layer_fragment(view: dash.ViewData, overrides: dict, cfg: dash.DashConfig) -
 
 @st.fragment
 def channel_fragment(view: dash.ViewData, layer_name: str, cfg: dash.DashConfig) -> None:
-    """Picking a channel, an element or a tab reruns only this part."""
+    """Picking a channel, an element or a chart reruns only this part."""
     t0 = time.perf_counter()
     layer = view.layer(layer_name)
     channel = view_channel(view, layer)

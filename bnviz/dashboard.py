@@ -99,8 +99,9 @@ ROW_TRACKS = ("keep", *TRACK_CHOICES)
 UPLOAD_KIND = "upload"
 STIMULUS_CHOICES = ("image", "uniform", "noise", "grating", "checkerboard", UPLOAD_KIND)
 
-#: Tabs of the layer view. Only the open tab's charts are built and sent, so a layer or
-#: channel switch redraws one or two charts instead of eight.
+#: The layer view's charts, one shown at a time (picked like tabs; ``tab`` in a link). Only
+#: the picked one is built and sent, so a layer or channel switch redraws one or two charts
+#: instead of eight.
 LAYER_TABS = (
     "Batch vs running statistics",
     "Feature maps",

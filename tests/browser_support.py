@@ -342,8 +342,9 @@ def edit_grid_select(page, grid, row: int, col: int, option: str, attempts: int 
 
 
 def open_tab(page, label: str) -> None:
-    """Click the st.tabs tab ``label`` (the layer view's tabs rerun the page lazily)."""
-    page.get_by_role("tab", name=label, exact=True).first.click()
+    """Pick the layer view's chart ``label`` (a segmented control: only that chart is drawn)."""
+    page.locator('[data-testid="stButtonGroup"]').get_by_role(
+        "radio", name=label, exact=True).first.click()
 
 
 def click_radio(page, group_label: str, option: str) -> None:

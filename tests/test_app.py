@@ -81,18 +81,17 @@ def every_tab(at: AppTest) -> tuple[dict[str, dict], str]:
     """Charts and texts of the whole page with each layer-view tab opened in turn (only the
     open tab's charts exist); leaves the first tab open."""
     found, shown = {}, []
-    for tab in dash.LAYER_TABS:
-        at.session_state["layer_tab"] = tab
-        run(at)
+    for i in range(len(dash.LAYER_TABS)):
+        open_tab(at, i)
         found.update(charts(at))
         shown.append(texts(at))
-    at.session_state["layer_tab"] = dash.LAYER_TABS[0]
-    run(at)
+    open_tab(at, 0)
     return found, "\n".join(shown)
 
 
 def open_tab(at: AppTest, index: int) -> AppTest:
-    at.session_state["layer_tab"] = dash.LAYER_TABS[index]
+    """Pick the layer view's chart ``index`` with its button row (a segmented control)."""
+    at.segmented_control(key="layer_tab").set_value(dash.LAYER_TABS[index])
     return run(at)
 
 
@@ -156,7 +155,10 @@ def test_default_page_shows_every_view():
     for h in ("1. Network overview", "2. Layer view", "3. In-place ReLU", "4. Predictions",
               "5. Export"):
         assert any(x.startswith(h) for x in headers), h
-    assert set(charts(at)) == {  # only the open tab's charts are built
+    picker = at.segmented_control(key="layer_tab")  # one chart of the layer at a time
+    assert [o.content for o in picker.proto.options] == list(dash.LAYER_TABS)
+    assert picker.value == dash.LAYER_TABS[0]
+    assert set(charts(at)) == {  # only the picked chart is built
         "network input (after preprocessing), image 0",
         "Network overview: 49 BatchNorm layers of efficientnet_lite0",
         "_bn0: batch vs running statistics (BN used the batch ones)",
