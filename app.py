@@ -342,8 +342,9 @@ def view_channel(view: dash.ViewData, layer: dash.LayerView) -> int:
     channel = int(ss["channel"])
     label = view.weights_label
     # One button row picks which of the layer's charts is drawn (like tabs, but only the
-    # picked chart is built). Not st.tabs: redrawing a tab bar on every layer switch cost
-    # ~30 ms of the browser's time (measured), a quarter of what the switch may take.
+    # picked chart is built). Not st.tabs: redrawing a tab bar cost ~30-50 ms of the
+    # browser's time on every layer switch (BENCHMARKS.md, runs X1-X2). The state is gone
+    # after a run that stopped before this widget (a model error, say): start on the first.
     if ss.get("layer_tab") not in dash.LAYER_TABS:
         ss["layer_tab"] = dash.LAYER_TABS[0]
     shown = st.segmented_control("Chart of this layer", dash.LAYER_TABS, key="layer_tab",
@@ -375,7 +376,6 @@ def view_channel(view: dash.ViewData, layer: dash.LayerView) -> int:
         st.markdown(dash.formula_text(layer.element(channel, which)))
         explain("formula")
     return channel
-
 
 
 def view_inplace(view: dash.ViewData, layer: dash.LayerView, channel: int) -> None:

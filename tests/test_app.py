@@ -158,6 +158,7 @@ def test_default_page_shows_every_view():
     picker = at.segmented_control(key="layer_tab")  # one chart of the layer at a time
     assert [o.content for o in picker.proto.options] == list(dash.LAYER_TABS)
     assert picker.value == dash.LAYER_TABS[0]
+    assert picker.proto.required  # clicking the picked chart again cannot empty the view
     assert set(charts(at)) == {  # only the picked chart is built
         "network input (after preprocessing), image 0",
         "Network overview: 49 BatchNorm layers of efficientnet_lite0",
@@ -657,4 +658,3 @@ def test_two_sessions_interleaved_never_mix_numbers(prefetch, monkeypatch):
     fresh_mean = fresh[[k for k in fresh if k.endswith("_blocks.2._bn1.running_mean")][0]]
     np.testing.assert_array_equal(ref_c.running_mean_before.numpy(), fresh_mean.numpy())
     assert chart(open_tab(c, 2), "_blocks.2._bn1, channel 0: distribution")
-
