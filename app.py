@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import streamlit as st
@@ -54,6 +55,19 @@ def log_time(what: str, t0: float) -> None:
         now = time.perf_counter()
         print(f"bnviz-timing {what} {(now - t0) * 1000:.1f} ms (epoch start "
               f"{time.time() - (now - t0):.3f})", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def drawing_here():
+    """Around every run and fragment rerun: while it runs, and for a moment after (while
+    the browser draws what it sent), a browser on this machine gets the cores and the
+    prefetch of the next view waits (:func:`bnviz.dashboard.note_activity`)."""
+    client_ip = st.context.ip_address
+    dash.note_activity(client_ip)
+    try:
+        yield
+    finally:
+        dash.note_activity(client_ip)
 
 
 # -- cached resources ------------------------------------------------------------------------
@@ -521,7 +535,10 @@ def main() -> None:
     view_export(view, cfg)
     # While the student reads all this, the server computes the same configuration with the
     # other global mode (the usual next question), at low priority: a toggle then only
-    # draws. Never while a forward somebody waits for runs; BNVIZ_PREFETCH=0 switches it off.
+    # draws. Never while a forward somebody waits for runs, nor while a browser on this
+    # machine draws this page (noted now: the run may have started long ago); switched off
+    # by BNVIZ_PREFETCH=0.
+    dash.note_activity(st.context.ip_address)
     dash.prefetch_other_mode(cfg, modes, view, loaded, x, layer_names, device)
 
 
@@ -531,8 +548,9 @@ def layer_fragment(view: dash.ViewData, overrides: dict, cfg: dash.DashConfig) -
     again, nothing is recomputed, the rest of the page is not resent, and only the picked
     chart is drawn again."""
     t0 = time.perf_counter()
-    layer = view_layer(view, overrides)
-    channel_fragment(view, layer.name, cfg)
+    with drawing_here():
+        layer = view_layer(view, overrides)
+        channel_fragment(view, layer.name, cfg)
     log_time("layer-fragment", t0)
 
 
@@ -540,19 +558,21 @@ def layer_fragment(view: dash.ViewData, overrides: dict, cfg: dash.DashConfig) -
 def channel_fragment(view: dash.ViewData, layer_name: str, cfg: dash.DashConfig) -> None:
     """Picking a channel, an element or a chart reruns only this part."""
     t0 = time.perf_counter()
-    layer = view.layer(layer_name)
-    channel = view_channel(view, layer)
-    view_inplace(view, layer, channel)
-    sync_query_params(replace(
-        cfg, layer=layer.name, channel=channel,
-        element=dash.FORMULA_ELEMENTS.index(ss["element"]),
-        tab=dash.LAYER_TABS.index(ss.get("layer_tab") or dash.LAYER_TABS[0])))
+    with drawing_here():
+        layer = view.layer(layer_name)
+        channel = view_channel(view, layer)
+        view_inplace(view, layer, channel)
+        sync_query_params(replace(
+            cfg, layer=layer.name, channel=channel,
+            element=dash.FORMULA_ELEMENTS.index(ss["element"]),
+            tab=dash.LAYER_TABS.index(ss.get("layer_tab") or dash.LAYER_TABS[0])))
     log_time("channel-fragment", t0)
 
 
 @st.fragment
 def predictions_fragment(view: dash.ViewData, reference: dash.EvalPredictions | None) -> None:
-    view_predictions(view, reference)
+    with drawing_here():
+        view_predictions(view, reference)
 
 
 def preview_sidebar(x: torch.Tensor, loaded, cfg: dash.DashConfig, upload_name: str) -> None:
@@ -579,5 +599,6 @@ def header(view: dash.ViewData, cfg: dash.DashConfig, upload_name: str) -> None:
 
 
 _t0 = time.perf_counter()
-main()
+with drawing_here():
+    main()
 log_time("full-run", _t0)

@@ -23,7 +23,7 @@ redrawn), on a fresh ``streamlit run app.py`` server:
 Usage::
 
     python benchmarks/bench_dashboard.py [--repeats 10] [--starts 3]
-        [--parts cold,interactions,memory] [--json out.json]
+        [--parts cold,interactions,memory] [--prefetch on|off] [--quiet S] [--json out.json]
 
 Prints a markdown table with the load average (pasted into docs/dashboard.md and
 BENCHMARKS.md) and writes the raw numbers as JSON (default:
@@ -391,11 +391,17 @@ def main(argv=None) -> int:
                         default="off" if os.environ.get("BNVIZ_PREFETCH") == "0" else "on",
                         help="on (the app's default): the other global mode is computed "
                              "while the charts are read; off: on the click")
+    parser.add_argument("--quiet", type=float, default=None, metavar="S",
+                        help="BNVIZ_PREFETCH_QUIET_S for the server: seconds the prefetch "
+                             "waits after a rerun of a local browser (default: the app's, "
+                             "0.75; 0: it starts at once, as before run Y1)")
     args = parser.parse_args(argv)
     SERVER_ENV.clear()
     if args.allocator == "make-run":
         SERVER_ENV.update(MAKE_RUN_ENV)
     SERVER_ENV["BNVIZ_PREFETCH"] = "1" if args.prefetch == "on" else "0"
+    if args.quiet is not None:
+        SERVER_ENV["BNVIZ_PREFETCH_QUIET_S"] = str(args.quiet)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -410,7 +416,9 @@ def main(argv=None) -> int:
           f"{load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", flush=True)
     print(f"allocator: {args.allocator} {SERVER_ENV or ''}", flush=True)
     res: dict = {"machine": machine, "load_average_before": load_before[0],
-                 "allocator": args.allocator, "prefetch": args.prefetch}
+                 "allocator": args.allocator, "prefetch": args.prefetch,
+                 "prefetch_quiet_s": SERVER_ENV.get(
+                     "BNVIZ_PREFETCH_QUIET_S", os.environ.get("BNVIZ_PREFETCH_QUIET_S", "0.75"))}
     if "cold" in parts:
         res["cold_starts"] = first_charts(args.starts)
     if "interactions" in parts:

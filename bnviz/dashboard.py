@@ -52,7 +52,7 @@ from .errors import BnvizError, ModeError, StimulusError
 from .inspection import InspectionReport, LayerReport, UsedStatistics
 from .models import DEFAULT_MODEL, list_models
 from .modes import TRACK_CHOICES, parse_mode
-from .prefetch import Cancelled, Prefetcher, lower_thread_priority
+from .prefetch import Cancelled, JobSignal, Prefetcher, lower_thread_priority
 
 # The submodule itself, without importing the package first (see bnviz/manual_bn.py's
 # import of probe_kernel: ``from . import x`` can deadlock concurrent first imports).
@@ -1142,6 +1142,8 @@ class OverlappedCondensing:
         self.stale: set[str] = set()
 
     def ready(self, name: str, tensors) -> None:
+        if isinstance(self._cancel, JobSignal):  # a prefetch: wait while a page is drawn
+            self._cancel.pause_while_busy()
         if self._cancel is not None and self._cancel.is_set():
             self.cancel_all()
             raise Cancelled(f"stopped before {name}: a forward somebody waits for started")
@@ -1166,7 +1168,8 @@ class OverlappedCondensing:
 
 def condense_layers(layers: Sequence[LayerReport],
                     overlapped: OverlappedCondensing | None = None, *,
-                    pooled: bool = True) -> tuple[LayerView, ...]:
+                    pooled: bool = True,
+                    pause: Callable[[], None] | None = None) -> tuple[LayerView, ...]:
     """:func:`layer_view` of every layer, largest first, on a process-wide thread pool.
 
     Condensing runs after the forward while the student waits and the browser is idle, so
@@ -1179,7 +1182,8 @@ def condense_layers(layers: Sequence[LayerReport],
     ``overlapped``: the layers handed over during the forward; those already condensed (or
     being condensed) are taken from it, the pool does the rest. ``pooled=False``: the rest
     is done in the calling thread (a low-priority prefetch must not hand its work to the
-    normal-priority pool).
+    normal-priority pool), calling ``pause`` before each layer (a prefetch waits there
+    while a page is drawn).
     """
     condensed: list[CondensedTensors | None] = [None] * len(layers)
     running: dict[int, Future] = {}  # started on the overlap pool: wait for those
@@ -1192,7 +1196,13 @@ def condense_layers(layers: Sequence[LayerReport],
             todo.append(i)
     todo.sort(key=lambda i: -_numel(layers[i].input))
     pool = _condense_pool() if pooled else None
-    work = (condense_layer_tensors(layers[i]) for i in todo) if pool is None or len(todo) < 2 \
+
+    def condense_here(i: int) -> CondensedTensors:
+        if pause is not None:
+            pause()
+        return condense_layer_tensors(layers[i])
+
+    work = (condense_here(i) for i in todo) if pool is None or len(todo) < 2 \
         else pool.map(lambda i: condense_layer_tensors(layers[i]), todo)
     for i, c in zip(todo, work, strict=True):
         condensed[i] = c
@@ -1218,11 +1228,12 @@ def manual_check_note(manual_check: str) -> str:
 def build_view_data(report: InspectionReport, *, random_init: bool,
                     meta: Mapping[str, Any] | None = None,
                     overlapped: OverlappedCondensing | None = None,
-                    pooled: bool = True) -> ViewData:
+                    pooled: bool = True,
+                    pause: Callable[[], None] | None = None) -> ViewData:
     """Condense a report made with ``keep_tensors=True`` into a :class:`ViewData`
-    (``overlapped`` and ``pooled``: see :func:`condense_layers`)."""
+    (``overlapped``, ``pooled`` and ``pause``: see :func:`condense_layers`)."""
     t0 = time.perf_counter()
-    layers = condense_layers(report.layers, overlapped, pooled=pooled)
+    layers = condense_layers(report.layers, overlapped, pooled=pooled, pause=pause)
     frame = report.to_frame()
     return ViewData(
         model=report.model, weights=report.weights, random_init=random_init,
@@ -1263,7 +1274,9 @@ def compute_view_data(loaded, x: torch.Tensor, modes: Mapping[str, str] | str | 
     ``cancel`` (given by a prefetch): checked at every BatchNorm layer (CPU); once set, the
     forward stops there with :class:`bnviz.prefetch.Cancelled` (a prefetch that a waiting
     student overtook). What is left to condense after such a forward is done in the calling
-    (low-priority) thread, not on the normal-priority pool.
+    (low-priority) thread, not on the normal-priority pool. A prefetch's ``cancel``
+    (:class:`bnviz.prefetch.JobSignal`) also pauses the work at every layer while a page is
+    being drawn.
     """
     from .inspection import inspect
 
@@ -1281,8 +1294,10 @@ def compute_view_data(loaded, x: torch.Tensor, modes: Mapping[str, str] | str | 
                 overlapped.cancel_all()
             raise
         try:
-            return build_view_data(report, random_init=random_init, meta=meta,
-                                   overlapped=overlapped, pooled=cancel is None)
+            return build_view_data(
+                report, random_init=random_init, meta=meta, overlapped=overlapped,
+                pooled=cancel is None,
+                pause=cancel.pause_while_busy if isinstance(cancel, JobSignal) else None)
         finally:
             del report
     finally:
@@ -1743,10 +1758,40 @@ def view_cache_entries() -> int:
     return int(wanted) if wanted.isdigit() and int(wanted) > 0 else 16
 
 
+def prefetch_quiet_s() -> float:
+    """``BNVIZ_PREFETCH_QUIET_S``: seconds the prefetch waits after a rerun that a browser
+    on this machine asked for (default 0.75; 0: never waits). See :meth:`note_activity`."""
+    wanted = os.environ.get("BNVIZ_PREFETCH_QUIET_S", "")
+    try:
+        value = float(wanted) if wanted else DEFAULT_PREFETCH_QUIET_S
+    except ValueError:
+        value = DEFAULT_PREFETCH_QUIET_S
+    return value if value >= 0 else DEFAULT_PREFETCH_QUIET_S
+
+
+#: See :func:`prefetch_quiet_s` and BENCHMARKS.md (run Y).
+DEFAULT_PREFETCH_QUIET_S = 0.75
+
+
+def note_activity(client_ip: object) -> None:
+    """A rerun of a session whose browser connects from ``client_ip`` starts or ends.
+
+    ``None`` (Streamlit's ``st.context.ip_address`` for a browser on localhost), or anything
+    that is not an address string (unknown), means the browser may draw on this machine's
+    cores, so the prefetch waits until that is done
+    (:meth:`bnviz.prefetch.Prefetcher.activity`). A student's browser on another machine
+    does not share the server's cores: its reruns do not hold the prefetch back. (Behind a
+    reverse proxy on the same machine every browser looks local: the prefetch then runs
+    only in quiet moments, which is safe, just less often ahead of time.)
+    """
+    if not isinstance(client_ip, str):
+        PREFETCH.activity()
+
+
 #: The process-wide prefetcher of views (``BNVIZ_PREFETCH=0`` switches it off): see
 #: :mod:`bnviz.prefetch` and :func:`prefetch_other_mode`. It remembers as many computed
 #: configurations as the app's view cache holds, so what that cache has dropped is
 #: prefetched again; it keeps at most 4 finished views nobody has taken yet (~40-80 MB each
 #: at batch 8).
 PREFETCH = Prefetcher(capacity=4, enabled=os.environ.get("BNVIZ_PREFETCH") != "0",
-                      remembered=view_cache_entries())
+                      remembered=view_cache_entries(), quiet_s=prefetch_quiet_s())

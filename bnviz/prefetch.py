@@ -12,6 +12,12 @@ The rules that keep this safe and cheap on a class server:
 
 * **One background thread for the whole process**, at a lower priority (nice 10 on Linux).
   It takes only CPU that the browser and the forwards somebody waits for leave over.
+* **It waits while a page is being redrawn** (``quiet_s``, see :meth:`Prefetcher.activity`).
+  A lower priority does not keep it off the cores a browser on the same machine needs: on
+  a laptop with 2 cores, it took the second one and its memory traffic slowed the drawing
+  (layer switches right after a page load: ~390-470 ms instead of ~320-380 ms). So the
+  app notes each rerun a local browser asked for, and the prefetch neither starts nor
+  goes on (it pauses at its next layer) until ``quiet_s`` seconds have passed since.
 * **It never starts while a forward somebody waits for is running** (see
   :meth:`Prefetcher.foreground`). A running prefetch that nobody has asked for yet is told
   to stop when such a forward starts; the work function passed to :meth:`Prefetcher.schedule`
@@ -42,6 +48,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
@@ -54,6 +61,23 @@ PREFETCH_NICE = 10
 
 class Cancelled(Exception):
     """A prefetch stopped early because a forward somebody waits for started."""
+
+
+class JobSignal(threading.Event):
+    """The ``cancel`` event a prefetch's work function is given.
+
+    It is set when a forward somebody waits for overtakes the prefetch (then stop, raising
+    :class:`Cancelled`). :meth:`pause_while_busy`, called between steps, waits while a page
+    is being redrawn (see :meth:`Prefetcher.activity`); it returns at once when somebody
+    waits for this very result, or when the signal is set.
+    """
+
+    def __init__(self, pause: Callable[[], None]) -> None:
+        super().__init__()
+        self._pause = pause
+
+    def pause_while_busy(self) -> None:
+        self._pause()
 
 
 def lower_thread_priority(nice: int = PREFETCH_NICE) -> None:
@@ -86,17 +110,22 @@ class Prefetcher:
     """Runs work ahead of need on one low-priority thread; see the module docstring.
 
     ``enabled=False`` makes :meth:`schedule` a no-op (``BNVIZ_PREFETCH=0`` in the app).
-    :attr:`counts` says what happened (scheduled, started, finished, cancelled, failed,
-    taken, replaced, dropped, skipped), for tests and benchmarks.
+    ``quiet_s``: how long after the last :meth:`activity` work may start or go on (0: it
+    never waits for that). :attr:`counts` says what happened (scheduled, started, finished,
+    cancelled, failed, taken, replaced, dropped, skipped, paused), for tests and benchmarks.
     """
 
     def __init__(self, capacity: int = 4, *, enabled: bool = True, remembered: int = 16,
-                 nice: int = PREFETCH_NICE) -> None:
+                 nice: int = PREFETCH_NICE, quiet_s: float = 0.0) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
+        if not quiet_s >= 0:
+            raise ValueError(f"quiet_s must be a number of seconds >= 0, got {quiet_s}")
         self.enabled = enabled
         self.capacity = capacity
         self.nice = nice
+        self.quiet_s = float(quiet_s)
+        self._last_activity = float("-inf")
         self._remembered_max = max(1, remembered)
         self._cond = threading.Condition()
         self._pending: _Job | None = None
@@ -106,7 +135,7 @@ class Prefetcher:
         self._foreground = 0
         self._thread: threading.Thread | None = None
         self.counts = dict.fromkeys(("scheduled", "started", "finished", "cancelled", "failed",
-                                     "taken", "replaced", "dropped", "skipped"), 0)
+                                     "taken", "replaced", "dropped", "skipped", "paused"), 0)
 
     # -- asking for work ---------------------------------------------------------------------
 
@@ -124,7 +153,9 @@ class Prefetcher:
                 return False
             if self._pending is not None:
                 self.counts["replaced"] += 1
-            self._pending = _Job(key, compute)
+            job = _Job(key, compute)
+            job.cancel = JobSignal(lambda: self._pause(job))
+            self._pending = job
             self.counts["scheduled"] += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="bnviz-prefetch",
@@ -148,6 +179,31 @@ class Prefetcher:
             while len(self._remembered) > self._remembered_max:
                 self._remembered.popitem(last=False)
 
+    def activity(self) -> None:
+        """Note that a page is being worked on now (a rerun a browser on this machine asked
+        for starts or ends): no prefetch starts or goes on for ``quiet_s`` seconds.
+
+        Why also at the end: the browser draws what a rerun sent after the server is done
+        (~0.1-0.3 s for a layer switch, ~0.5-1 s for a new view, more on a first load).
+        """
+        if self.quiet_s > 0:
+            self._last_activity = time.monotonic()  # one float store: no lock needed
+
+    def _busy_for(self) -> float:
+        """Seconds left until the server counts as quiet (<= 0: quiet now)."""
+        return self.quiet_s - (time.monotonic() - self._last_activity)
+
+    def _pause(self, job: _Job) -> None:
+        """:meth:`JobSignal.pause_while_busy` of ``job``."""
+        with self._cond:
+            paused = False
+            while not job.cancel.is_set() and job.waiters == 0 \
+                    and (left := self._busy_for()) > 0:
+                paused = True
+                self._cond.wait(left)
+            if paused:
+                self.counts["paused"] += 1
+
     # -- getting results ---------------------------------------------------------------------
 
     def take(self, key: Hashable) -> Any | None:
@@ -168,6 +224,7 @@ class Prefetcher:
             if job is None:
                 return None
             job.waiters += 1
+            self._cond.notify_all()  # a job paused for a quiet moment goes on now
         job.done.wait()
         with self._cond:
             job.waiters -= 1
@@ -188,6 +245,7 @@ class Prefetcher:
             job = self._running
             if job is not None and job.key != key and job.waiters == 0:
                 job.cancel.set()
+                self._cond.notify_all()  # a paused job stops now
         try:
             yield
         finally:
@@ -214,8 +272,13 @@ class Prefetcher:
         lower_thread_priority(self.nice)
         while True:
             with self._cond:
-                while self._pending is None or self._foreground > 0:
-                    self._cond.wait()
+                while True:
+                    if self._pending is None or self._foreground > 0:
+                        self._cond.wait()
+                    elif (left := self._busy_for()) > 0:
+                        self._cond.wait(left)
+                    else:
+                        break
                 job, self._pending = self._pending, None
                 self._running = job
                 self.counts["started"] += 1

@@ -282,12 +282,15 @@ def test_a_mode_toggle_takes_the_prefetched_other_mode(monkeypatch):
     """With prefetching on (the app's default; conftest switches it off for the other
     in-process tests, which count forwards), the other global mode is computed after the
     page is drawn and the toggle shows it without a forward: the same charts as computing
-    it on the toggle itself."""
+    it on the toggle itself. It waits until the browser (local, in a test) has had time to
+    draw the page: every run notes activity when it ends."""
     from bnviz.prefetch import Prefetcher
 
-    pre = Prefetcher()
+    pre = Prefetcher(quiet_s=2.0)
     monkeypatch.setattr(dash, "PREFETCH", pre)
     at = run(new_app(seed="131"))
+    assert pre.counts["scheduled"] == 1 and pre.counts["started"] == 0  # the page is drawn
+    assert pre._busy_for() > 0
     assert pre.idle(TIMEOUT) and pre.counts["finished"] == 1
     calls = dash.inspect_calls()
     at.radio(key="mode").set_value("eval")

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 
 import pytest
 
 import bnviz
 from bnviz import dashboard as dash
-from bnviz.prefetch import Cancelled, Prefetcher
+from bnviz.prefetch import Cancelled, JobSignal, Prefetcher
 from tests.test_dashboard import _same_state, _state, assert_same_layer_views
 
 WAIT = 30.0
@@ -171,6 +172,119 @@ def test_prefetching_only_takes_spare_cpu():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
+# -- waiting while a page is drawn (quiet_s) -----------------------------------------------------
+
+QUIET = 0.3
+
+
+class _Pausing:
+    """Work that records when it started, pauses once (as the dashboard's forward does at
+    every layer), and records when it went on."""
+
+    def __init__(self) -> None:
+        self.started_at: float | None = None
+        self.resumed_at: float | None = None
+        self.at_pause = threading.Event()
+        self.go = threading.Event()
+
+    def __call__(self, cancel: JobSignal):
+        self.started_at = time.monotonic()
+        self.at_pause.set()
+        assert self.go.wait(WAIT)
+        cancel.pause_while_busy()
+        self.resumed_at = time.monotonic()
+        if cancel.is_set():
+            raise Cancelled("stopped")
+        return "done"
+
+
+def test_nothing_starts_until_the_page_has_been_quiet_for_quiet_s():
+    pre = Prefetcher(quiet_s=QUIET)
+    pre.activity()
+    noted = time.monotonic()
+    work = _Pausing()
+    work.go.set()
+    pre.schedule("a", work)
+    assert pre.idle(WAIT) and pre.take("a") == "done"
+    assert work.started_at - noted >= QUIET  # not before the page was quiet
+    assert pre.counts["paused"] == 0  # quiet all along once started
+
+
+def test_a_running_prefetch_pauses_while_a_page_is_drawn_and_then_goes_on():
+    pre = Prefetcher(quiet_s=QUIET)
+    work = _Pausing()
+    pre.schedule("a", work)
+    assert work.at_pause.wait(WAIT)
+    pre.activity()  # a layer switch, say
+    noted = time.monotonic()
+    work.go.set()
+    assert pre.idle(WAIT) and pre.take("a") == "done"
+    assert work.resumed_at - noted >= QUIET
+    assert pre.counts["paused"] == 1 and pre.counts["finished"] == 1
+
+
+def test_a_paused_prefetch_somebody_asks_for_goes_on_at_once():
+    """The toggle that wants this very view must not wait for the quiet moment its own
+    rerun started."""
+    pre = Prefetcher(quiet_s=WAIT)  # "busy" for much longer than the test
+    work = _Pausing()
+    pre.activity()
+    pre._last_activity = float("-inf")  # start now ...
+    pre.schedule("a", work)
+    assert work.at_pause.wait(WAIT)
+    pre.activity()  # ... then a rerun: the work pauses
+    work.go.set()
+    time.sleep(0.2)  # into the pause (were it not woken, take() would wait for WAIT s)
+    t0 = time.monotonic()
+    assert pre.take("a") == "done"
+    assert time.monotonic() - t0 < WAIT / 2
+
+
+def test_a_paused_prefetch_is_stopped_by_a_forward_somebody_waits_for():
+    pre = Prefetcher(quiet_s=WAIT)
+    work = _Pausing()
+    pre.schedule("a", work)
+    assert work.at_pause.wait(WAIT)
+    pre.activity()
+    work.go.set()
+    time.sleep(0.2)  # into the pause (were it not woken, idle() below would time out)
+    with pre.foreground("b"):
+        assert pre.idle(WAIT / 2)
+    assert pre.counts["cancelled"] == 1 and pre.take("a") is None
+
+
+def test_without_quiet_s_activity_changes_nothing():
+    pre = Prefetcher()
+    pre.activity()
+    assert pre._busy_for() <= 0
+    work = _Pausing()
+    work.go.set()
+    pre.schedule("a", work)
+    assert pre.idle(WAIT) and pre.take("a") == "done" and pre.counts["paused"] == 0
+    with pytest.raises(ValueError, match="quiet_s"):
+        Prefetcher(quiet_s=-1)
+
+
+def test_only_a_browser_on_this_machine_holds_the_prefetch_back(monkeypatch):
+    pre = Prefetcher(quiet_s=WAIT)
+    monkeypatch.setattr(dash, "PREFETCH", pre)
+    dash.note_activity("192.0.2.7")  # a student's laptop: it draws on its own cores
+    assert pre._busy_for() <= 0
+    dash.note_activity(None)  # Streamlit's ip_address for localhost
+    assert pre._busy_for() > 0
+    pre._last_activity = float("-inf")
+    dash.note_activity(object())  # not an address (AppTest's mock): maybe local
+    assert pre._busy_for() > 0
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("", dash.DEFAULT_PREFETCH_QUIET_S), ("0", 0.0), ("1.5", 1.5),
+    ("soon", dash.DEFAULT_PREFETCH_QUIET_S), ("-2", dash.DEFAULT_PREFETCH_QUIET_S)])
+def test_the_quiet_time_is_configurable(value, expected, monkeypatch):
+    monkeypatch.setenv("BNVIZ_PREFETCH_QUIET_S", value)
+    assert dash.prefetch_quiet_s() == expected
+
+
 # -- the dashboard's prefetch of the other global mode -----------------------------------------
 
 
@@ -265,3 +379,15 @@ def test_a_prefetch_condenses_at_its_own_low_priority(lite, x96, monkeypatch):
     assert_same_layer_views(view.layers, pooled.layers)
     dash.compute_view_data(lite, x96, "eval", "cpu", random_init=False)
     assert asked == [True]  # the foreground does use it
+
+
+def test_a_prefetch_pauses_at_every_layer_and_computes_the_same_view(lite, x96):
+    """The forward asks to pause at every BatchNorm layer it hands over, and the condensing
+    left after it before every layer it does; the view is the foreground's."""
+    calls: list[int] = []
+    signal = JobSignal(lambda: calls.append(1))
+    view = dash.compute_view_data(lite, x96, "train", "cpu", random_init=False,
+                                  cancel=signal)
+    assert len(calls) >= len(lite.bn_layer_names)
+    direct = dash.compute_view_data(lite, x96, "train", "cpu", random_init=False)
+    assert_same_layer_views(view.layers, direct.layers)
