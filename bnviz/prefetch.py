@@ -14,10 +14,12 @@ The rules that keep this safe and cheap on a class server:
   It takes only CPU that the browser and the forwards somebody waits for leave over.
 * **It waits while a page is being redrawn** (``quiet_s``, see :meth:`Prefetcher.activity`).
   A lower priority does not keep it off the cores a browser on the same machine needs: on
-  a laptop with 2 cores, it took the second one and its memory traffic slowed the drawing
-  (layer switches right after a page load: ~390-470 ms instead of ~320-380 ms). So the
-  app notes each rerun a local browser asked for, and the prefetch neither starts nor
-  goes on (it pauses at its next layer) until ``quiet_s`` seconds have passed since.
+  a laptop with 2 cores the browser drawing leaves one core free, the prefetch takes it,
+  and its memory traffic slows the drawing (a toggle whose charts were drawn beside the
+  next toggle's prefetch: 1.44 s median, against 0.95 s with this wait; BENCHMARKS.md, runs
+  Y). So the app notes each rerun a local browser asked for, and the prefetch neither
+  starts nor goes on (its work pauses at :meth:`JobSignal.pause_while_busy`) until
+  ``quiet_s`` seconds have passed since.
 * **It never starts while a forward somebody waits for is running** (see
   :meth:`Prefetcher.foreground`). A running prefetch that nobody has asked for yet is told
   to stop when such a forward starts; the work function passed to :meth:`Prefetcher.schedule`
@@ -34,8 +36,10 @@ The rules that keep this safe and cheap on a class server:
 
 Example::
 
-    pre = Prefetcher(capacity=2)
-    pre.schedule("eval", lambda cancel: expensive("eval", cancel))
+    pre = Prefetcher(capacity=2, quiet_s=0.75)
+    pre.schedule("eval", lambda cancel: expensive("eval", cancel))  # between its steps:
+    ...                               # cancel.pause_while_busy(); stop if cancel.is_set()
+    pre.activity()                    # a rerun starts or ends: nothing runs for 0.75 s
     ...
     value = pre.take("eval")          # the result, waiting if it is being computed
     if value is None:                 # not prefetched (or it failed): compute it now
