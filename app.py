@@ -57,12 +57,17 @@ def log_time(what: str, t0: float) -> None:
               f"{time.time() - (now - t0):.3f})", file=sys.stderr, flush=True)
 
 
+def browser_address() -> str | None:
+    """This session's browser address, None if it is on this machine (or unknown)."""
+    return dash.browser_address(st.context.ip_address, st.context.headers)
+
+
 @contextmanager
 def drawing_here():
     """Around every run and fragment rerun: while it runs, and for a moment after (while
     the browser draws what it sent), a browser on this machine gets the cores and the
     prefetch of the next view waits (:func:`bnviz.dashboard.note_activity`)."""
-    client_ip = st.context.ip_address
+    client_ip = browser_address()
     dash.note_activity(client_ip)
     try:
         yield
@@ -538,7 +543,7 @@ def main() -> None:
     # draws. Never while a forward somebody waits for runs, nor while a browser on this
     # machine draws this page (noted now: the run may have started long ago); switched off
     # by BNVIZ_PREFETCH=0.
-    dash.note_activity(st.context.ip_address)
+    dash.note_activity(browser_address())
     dash.prefetch_other_mode(cfg, modes, view, loaded, x, layer_names, device)
 
 

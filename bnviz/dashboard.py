@@ -1773,6 +1773,32 @@ def prefetch_quiet_s() -> float:
 DEFAULT_PREFETCH_QUIET_S = 0.75
 
 
+_LOOPBACK = ("127.", "::1", "::ffff:127.", "localhost")
+
+
+def browser_address(ip_address: object, headers: Mapping[str, Any] | None = None) -> str | None:
+    """Where a session's browser runs, for :func:`note_activity`: its address, or None when
+    it is (or may be) on this machine.
+
+    ``ip_address`` is Streamlit's ``st.context.ip_address`` (the TCP peer; None for
+    localhost) and ``headers`` its ``st.context.headers``. A reverse proxy on the server
+    itself makes every peer 127.0.0.1, but names the real client in ``X-Forwarded-For``
+    (first entry) or ``X-Real-IP``; that address is used when there is one. It is only a
+    hint for scheduling (a client can forge it), never used for anything that matters to
+    security.
+    """
+    address = ip_address
+    if hasattr(headers, "get"):
+        for name in ("X-Forwarded-For", "X-Real-IP"):
+            value = headers.get(name)
+            if isinstance(value, str) and value.split(",")[0].strip():
+                address = value.split(",")[0].strip()
+                break
+    if not isinstance(address, str) or not address or address.lower().startswith(_LOOPBACK):
+        return None
+    return address
+
+
 def note_activity(client_ip: object) -> None:
     """A rerun of a session whose browser connects from ``client_ip`` starts or ends.
 
@@ -1780,9 +1806,8 @@ def note_activity(client_ip: object) -> None:
     that is not an address string (unknown), means the browser may draw on this machine's
     cores, so the prefetch waits until that is done
     (:meth:`bnviz.prefetch.Prefetcher.activity`). A student's browser on another machine
-    does not share the server's cores: its reruns do not hold the prefetch back. (Behind a
-    reverse proxy on the same machine every browser looks local: the prefetch then runs
-    only in quiet moments, which is safe, just less often ahead of time.)
+    does not share the server's cores: its reruns do not hold the prefetch back
+    (:func:`browser_address` finds it behind a reverse proxy that says where the client is).
     """
     if not isinstance(client_ip, str):
         PREFETCH.activity()

@@ -277,6 +277,21 @@ def test_only_a_browser_on_this_machine_holds_the_prefetch_back(monkeypatch):
     assert pre._busy_for() > 0
 
 
+@pytest.mark.parametrize(("ip", "headers", "expected"), [
+    (None, {}, None),  # Streamlit: a browser on localhost
+    ("192.0.2.7", {}, "192.0.2.7"),
+    ("127.0.1.1", None, None),
+    ("::ffff:127.0.0.1", {}, None),
+    (None, {"X-Forwarded-For": "198.51.100.4, 10.0.0.2"}, "198.51.100.4"),  # behind a proxy
+    (None, {"X-Real-IP": "198.51.100.5"}, "198.51.100.5"),
+    (None, {"X-Forwarded-For": "127.0.0.1"}, None),  # the proxy's own browser
+    ("192.0.2.7", {"X-Forwarded-For": "  "}, "192.0.2.7"),
+    (object(), object(), None),  # AppTest's mocks: unknown, so maybe local
+])
+def test_where_the_browser_runs(ip, headers, expected):
+    assert dash.browser_address(ip, headers) == expected
+
+
 @pytest.mark.parametrize(("value", "expected"), [
     ("", dash.DEFAULT_PREFETCH_QUIET_S), ("0", 0.0), ("1.5", 1.5),
     ("soon", dash.DEFAULT_PREFETCH_QUIET_S), ("-2", dash.DEFAULT_PREFETCH_QUIET_S)])
