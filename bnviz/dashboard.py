@@ -1758,19 +1758,19 @@ def view_cache_entries() -> int:
     return int(wanted) if wanted.isdigit() and int(wanted) > 0 else 16
 
 
+#: See :func:`prefetch_quiet_s` and BENCHMARKS.md (runs Y).
+DEFAULT_PREFETCH_QUIET_S = 0.75
+
+
 def prefetch_quiet_s() -> float:
     """``BNVIZ_PREFETCH_QUIET_S``: seconds the prefetch waits after a rerun that a browser
-    on this machine asked for (default 0.75; 0: never waits). See :meth:`note_activity`."""
+    on this machine asked for (default 0.75; 0: never waits). See :func:`note_activity`."""
     wanted = os.environ.get("BNVIZ_PREFETCH_QUIET_S", "")
     try:
         value = float(wanted) if wanted else DEFAULT_PREFETCH_QUIET_S
     except ValueError:
         value = DEFAULT_PREFETCH_QUIET_S
     return value if value >= 0 else DEFAULT_PREFETCH_QUIET_S
-
-
-#: See :func:`prefetch_quiet_s` and BENCHMARKS.md (run Y).
-DEFAULT_PREFETCH_QUIET_S = 0.75
 
 
 _LOOPBACK = ("127.", "::1", "::ffff:127.", "localhost")
@@ -1788,12 +1788,12 @@ def browser_address(ip_address: object, headers: Mapping[str, Any] | None = None
     security.
     """
     address = ip_address
-    if hasattr(headers, "get"):
-        for name in ("X-Forwarded-For", "X-Real-IP"):
-            value = headers.get(name)
-            if isinstance(value, str) and value.split(",")[0].strip():
-                address = value.split(",")[0].strip()
-                break
+    for name in ("X-Forwarded-For", "X-Real-IP") if hasattr(headers, "get") else ():
+        value = headers.get(name)
+        first = value.split(",")[0].strip() if isinstance(value, str) else ""
+        if first:
+            address = first
+            break
     if not isinstance(address, str) or not address or address.lower().startswith(_LOOPBACK):
         return None
     return address

@@ -199,6 +199,8 @@ class Prefetcher:
 
     def _pause(self, job: _Job) -> None:
         """:meth:`JobSignal.pause_while_busy` of ``job``."""
+        if self.quiet_s <= 0:  # called at every layer: no lock when it can never wait
+            return
         with self._cond:
             paused = False
             while not job.cancel.is_set() and job.waiters == 0 \
