@@ -146,6 +146,7 @@ def init_session() -> None:
     ss["mode"] = cfg.mode
     ss["ov_base"] = cfg.override_dict
     ss["ov_version"] = 0
+    ss["_ov_expanded"] = bool(cfg.override_dict)  # a link with overrides opens the table
     ss["ov_model"] = cfg.model
     ss["_layer_request"] = cfg.layer
     ss["channel"] = cfg.channel
@@ -286,8 +287,23 @@ def sidebar_modes(layer_names: list[str]) -> dict[str, dash.RowOverride]:
              help="train: normalise with batch statistics and update the running ones; "
                   "eval: normalise with the running statistics.")
     base = ss["ov_base"]
-    active = dash.apply_editor_state(base, layer_names, ss.get(editor_key()))
-    with sb.expander(f"Per-layer overrides ({len(active)} active)", expanded=bool(active)):
+    edits = ss.get(editor_key())
+    active = dash.apply_editor_state(base, layer_names, edits)
+    sb.caption(f"Per-layer overrides: **{len(active)} active**"
+               + (f" ({', '.join(sorted(active))})" if 0 < len(active) <= 3 else "") + ".")
+    # Drawn only while open (a stateful expander): the table needs pandas and the browser's
+    # grid code, ~0.5 s of a fresh server's first page that no chart waits for any more.
+    # The label stays the same, so the open/closed state survives every edit.
+    box = sb.expander("Per-layer overrides", expanded=ss.get("_ov_expanded", False),
+                      key="ov_open", on_change="rerun")
+    sb.button("Reset all", on_click=reset_overrides, key="reset_overrides",
+              disabled=not active, help="Remove every per-layer override.")
+    if not box.open:
+        if edits:  # just closed: keep its edits (Streamlit forgets an undrawn widget's state)
+            ss["ov_base"] = active
+            ss["ov_version"] += 1
+        return active
+    with box:
         st.caption("mode 'default' follows the global mode; track_running_stats: keep | on | "
                    "off (flag off, buffers kept) | none (no buffers, as if built with "
                    "track_running_stats=False); momentum: blank keeps the layer's, 'none' "
@@ -304,8 +320,6 @@ def sidebar_modes(layer_names: list[str]) -> dict[str, dash.RowOverride]:
                 "momentum": st.column_config.TextColumn("momentum"),
             },
         )
-        st.button("Reset all", on_click=reset_overrides, key="reset_overrides",
-                  help="Remove every per-layer override.")
     return dash.frame_to_overrides(edited)
 
 
@@ -328,11 +342,13 @@ def view_overview(view: dash.ViewData) -> None:
     chart(figures.overview_figure(view), key="overview_chart",
           on_select=lambda: select_from_overview(names), selection_mode="points")
     explain("overview")
-    with st.expander("Per-layer table"):
+    # Drawn only while open: the table is the first use of pandas on a fresh server.
+    table = st.expander("Per-layer table", key="table_open", on_change="rerun")
+    if table.open:
         cols = ["index", "name", "mode", "stats_used", "updates_running", "mean_shift",
                 "log_var_ratio", "max_abs_diff", "activation", "activation_inplace",
                 "overwritten_by"]
-        st.dataframe(view.overview_frame()[cols], hide_index=True, height=300)
+        table.dataframe(view.overview_frame()[cols], hide_index=True, height=300)
 
 
 def view_layer(view: dash.ViewData, overrides: dict) -> dash.LayerView:
@@ -405,8 +421,10 @@ def view_inplace(view: dash.ViewData, layer: dash.LayerView, channel: int) -> No
         chart(figures.inplace_figure(layer, channel, view.weights_label), key="chart_inplace")
         explain("inplace")
     if rows:
-        with st.expander(f"All {len(rows)} layers whose output is overwritten in place"):
-            st.dataframe(rows, hide_index=True)
+        box = st.expander(f"All {len(rows)} layers whose output is overwritten in place",
+                          key="inplace_table_open", on_change="rerun")
+        if box.open:  # drawn only while open (a table needs pandas)
+            box.dataframe(rows, hide_index=True)
 
 
 def view_predictions(view: dash.ViewData, reference: dash.EvalPredictions | None) -> None:
@@ -426,7 +444,8 @@ def view_export(view: dash.ViewData, cfg: dash.DashConfig) -> None:
     st.header("5. Export")
     stem = dash.export_file_stem(cfg)
     c1, c2 = st.columns(2)
-    c1.download_button("Per-layer table (CSV)", view.table_csv,
+    # Both files are made when clicked (the CSV needs pandas, the JSON ~0.5 s).
+    c1.download_button("Per-layer table (CSV)", lambda: view.table_csv,
                        file_name=f"{stem}.csv", mime="text/csv", key="dl_csv",
                        on_click="ignore")
     c2.download_button("Full report (JSON, the CLI's schema)", view.report_json,
@@ -592,12 +611,14 @@ def header(view: dash.ViewData, cfg: dash.DashConfig, upload_name: str) -> None:
         st.warning(f"{view.model} runs with **random init (not pretrained)** weights: running "
                    "statistics are 0 and 1 everywhere and predictions are meaningless. Every "
                    "chart is labelled 'random init'.")
+    n_over = len(cfg.overrides)
+    overrides = (f" with {n_over} per-layer override{'' if n_over == 1 else 's'}"
+                 if n_over else "")
     st.caption(
         f"**{view.model}** ({view.weights}) on **{view.device}**; input "
         f"{dash.describe_config_stimulus(cfg, upload_name)}, shape "
         f"{'x'.join(str(s) for s in view.input_shape)}; global mode **{cfg.mode}**"
-        f"{f' with {len(cfg.overrides)} per-layer overrides' if cfg.overrides else ''}. "
-        f"Forward {view.forward_ms:.0f} ms, summaries {view.build_ms:.0f} ms. "
+        f"{overrides}. Forward {view.forward_ms:.0f} ms, summaries {view.build_ms:.0f} ms. "
         "Copy the address bar to share exactly this view."
     )
 

@@ -23,7 +23,8 @@ redrawn), on a fresh ``streamlit run app.py`` server:
 Usage::
 
     python benchmarks/bench_dashboard.py [--repeats 10] [--starts 3]
-        [--parts cold,interactions,memory] [--prefetch on|off] [--quiet S] [--json out.json]
+        [--parts cold,interactions,memory] [--prefetch on|off] [--quiet S] [--no-settle]
+        [--json out.json]
 
 Prints a markdown table with the load average (pasted into docs/dashboard.md and
 BENCHMARKS.md) and writes the raw numbers as JSON (default:
@@ -62,6 +63,8 @@ PAUSED_TOGGLES, PAUSE_S = 5, 15.0
 MEMORY_RELEASE_DELAY_S = 10
 #: The environment every benchmarked server gets (set from --allocator in main()).
 SERVER_ENV: dict = dict(MAKE_RUN_ENV)
+#: Cold starts wait for the freshly launched browser to be idle (--no-settle: do not).
+SETTLE_BROWSER = True
 
 
 def median(xs):
@@ -71,13 +74,17 @@ def median(xs):
 def first_charts(starts: int) -> list[dict]:
     """Cold starts: server process start -> first chart / all charts on screen.
 
-    The browser is started (and idle on a blank page) before the server, as a student's
-    browser would be: its own start-up is not part of the time."""
+    The browser is started, and idle on a blank page, before the server, as a student's
+    browser would be: its own start-up is not part of the time. (Until run Z1 the server
+    was started right after the blank page opened, while chromium still used ~1.5 cores
+    for about a second: ``--no-settle`` measures that way.)"""
     out = []
     for _ in range(starts):
         with bs.chromium() as browser:
             page = browser.new_page(viewport=VIEWPORT)
             page.goto("about:blank")
+            if SETTLE_BROWSER:
+                bs.wait_browser_quiet()
             srv = bs.start_server(timeout=180, extra_env=SERVER_ENV)
             try:
                 healthy = time.monotonic() - srv.started_at
@@ -395,7 +402,12 @@ def main(argv=None) -> int:
                         help="BNVIZ_PREFETCH_QUIET_S for the server: seconds the prefetch "
                              "waits after a rerun of a local browser (default: the app's, "
                              "0.75; 0: it starts at once, as before run Y1)")
+    parser.add_argument("--no-settle", action="store_true",
+                        help="cold starts: start the server right after the browser opens "
+                             "its blank page, not once it is idle (the protocol before Z1)")
     args = parser.parse_args(argv)
+    global SETTLE_BROWSER
+    SETTLE_BROWSER = not args.no_settle
     SERVER_ENV.clear()
     if args.allocator == "make-run":
         SERVER_ENV.update(MAKE_RUN_ENV)
@@ -417,6 +429,7 @@ def main(argv=None) -> int:
     print(f"allocator: {args.allocator} {SERVER_ENV or ''}", flush=True)
     res: dict = {"machine": machine, "load_average_before": load_before[0],
                  "allocator": args.allocator, "prefetch": args.prefetch,
+                 "browser_settled_before_cold_starts": SETTLE_BROWSER,
                  "prefetch_quiet_s": SERVER_ENV.get(
                      "BNVIZ_PREFETCH_QUIET_S", os.environ.get("BNVIZ_PREFETCH_QUIET_S", "0.75"))}
     if "cold" in parts:

@@ -496,8 +496,14 @@ def _cell(value: Any, default: str) -> str:
 
 def frame_to_overrides(frame) -> dict[str, RowOverride]:
     """Rows of the edited table that differ from the defaults, as ``{layer: RowOverride}``."""
+    return records_to_overrides(frame.to_dict("records"))
+
+
+def records_to_overrides(records: Iterable[Mapping[str, Any]]) -> dict[str, RowOverride]:
+    """:func:`frame_to_overrides` for table rows as dicts (``layer``, ``mode``,
+    ``track_running_stats``, ``momentum``); blank cells mean the defaults."""
     out: dict[str, RowOverride] = {}
-    for rec in frame.to_dict("records"):
+    for rec in records:
         row = RowOverride(
             mode=_cell(rec.get("mode"), "default") or "default",
             track=_cell(rec.get("track_running_stats"), "keep") or "keep",
@@ -511,13 +517,21 @@ def frame_to_overrides(frame) -> dict[str, RowOverride]:
 def apply_editor_state(base: Mapping[str, RowOverride], layer_names: Sequence[str],
                        state: Mapping[str, Any] | None) -> dict[str, RowOverride]:
     """Fold an ``st.data_editor`` state (``{"edited_rows": {row: {col: value}}}``) into
-    ``base``: what the table shows after those edits, as overrides."""
-    frame = overrides_frame(layer_names, base)
+    ``base``: what the table shows after those edits, as overrides.
+
+    Plain dicts, no pandas: the app calls this on every run, also while the table is not
+    drawn (its expander closed). Rows outside the table are ignored."""
+    records = []
+    for name in layer_names:
+        row = base.get(name, RowOverride())
+        records.append({"layer": name, "mode": row.mode, "track_running_stats": row.track,
+                        "momentum": row.momentum})
     for row, edits in ((state or {}).get("edited_rows") or {}).items():
-        for col, value in edits.items():
-            if col in OVERRIDE_COLUMNS[1:]:
-                frame.at[int(row), col] = value
-    return frame_to_overrides(frame)
+        if 0 <= int(row) < len(records):
+            for col, value in edits.items():
+                if col in OVERRIDE_COLUMNS[1:]:
+                    records[int(row)][col] = value
+    return records_to_overrides(records)
 
 
 # -- uploads --------------------------------------------------------------------------------
@@ -844,14 +858,29 @@ class ViewData:
     build_ms: float
     layers: tuple[LayerView, ...]
     predictions: tuple[tuple[tuple[int, str, float], ...], ...] | None
-    overview: Any  # pandas DataFrame: report.to_frame()
-    table_csv: str
+    #: ``report.overview_rows()``: one plain dict per layer, read-only (shared by sessions)
+    overview_rows: tuple[dict[str, Any], ...]
     stats_report: InspectionReport  # the report without activation tensors (for JSON export)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.layers]
+
+    # The per-layer table as pandas objects is made on first use, not with the view: the
+    # charts need only the rows, and a fresh server would otherwise import pandas (~0.4 s)
+    # before its first chart. Two sessions racing here build equal values; either is kept.
+    @functools.cached_property
+    def overview(self):
+        """The per-layer table, equal to ``report.to_frame()`` (shared: do not modify)."""
+        import pandas as pd
+
+        return pd.DataFrame(list(self.overview_rows))
+
+    @functools.cached_property
+    def table_csv(self) -> str:
+        """The per-layer table as CSV (the dashboard's export)."""
+        return self.overview.to_csv(index=False)
 
     def overview_frame(self):
         """A private copy of the per-layer table (the cached one is shared by sessions)."""
@@ -877,7 +906,7 @@ class ViewData:
 
     def nbytes(self) -> int:
         """Approximate memory of the arrays held (for the benchmark's memory report)."""
-        total = len(self.table_csv)
+        total = len(repr(self.overview_rows))
         seen: set[int] = set()
         for layer in self.layers:
             for f in fields(layer):
@@ -1234,7 +1263,6 @@ def build_view_data(report: InspectionReport, *, random_init: bool,
     (``overlapped``, ``pooled`` and ``pause``: see :func:`condense_layers`)."""
     t0 = time.perf_counter()
     layers = condense_layers(report.layers, overlapped, pooled=pooled, pause=pause)
-    frame = report.to_frame()
     return ViewData(
         model=report.model, weights=report.weights, random_init=random_init,
         device=report.device, input_shape=tuple(report.input_shape),
@@ -1242,8 +1270,8 @@ def build_view_data(report: InspectionReport, *, random_init: bool,
         notes={k: v for k, v in report.notes.items() if isinstance(v, str | int | float | bool)
                or (isinstance(v, list) and all(isinstance(i, str) for i in v))},
         forward_ms=report.forward_ms, build_ms=(time.perf_counter() - t0) * 1000,
-        layers=layers, predictions=prediction_rows(report), overview=frame,
-        table_csv=frame.to_csv(index=False),
+        layers=layers, predictions=prediction_rows(report),
+        overview_rows=tuple(report.overview_rows()),
         stats_report=strip_tensors(report),
         meta=dict(meta or {}),
     )

@@ -233,12 +233,12 @@ def overview_figure(view: ViewData) -> go.Figure:
     Every point carries its layer name as ``customdata`` so a click can select the layer.
     Marker colour says which statistics the layer normalised with.
     """
-    df = view.overview
-    names = df["name"].to_numpy(dtype=object)
-    x = df["index"].to_numpy(dtype=np.int32)
-    used = df["stats_used"].to_numpy(dtype=object)
-    colors = np.where(used == "batch", BATCH, RUNNING).tolist()
-    custom = [[n, u, m] for n, u, m in zip(names, used, df["mode"].tolist())]
+    rows = view.overview_rows
+    names = [r["name"] for r in rows]
+    x = np.array([r["index"] for r in rows], dtype=np.int32)
+    used = [r["stats_used"] for r in rows]
+    colors = [BATCH if u == "batch" else RUNNING for u in used]
+    custom = [[n, u, r["mode"]] for n, u, r in zip(names, used, rows)]
     grid = _Grid(3, 1, vspace=0.07, shared_x=True, titles=(
         "mean shift |batch mean - running mean| / running std (mean over channels)",
         "log(batch var / running var) (mean over channels)",
@@ -250,7 +250,7 @@ def overview_figure(view: ViewData) -> go.Figure:
     )
     data = []
     for row, (col, name, fmt) in enumerate(series, start=1):
-        y = df[col].to_numpy(dtype=np.float64, na_value=np.nan)
+        y = np.array([np.nan if r[col] is None else r[col] for r in rows], dtype=np.float64)
         data.append({
             "type": "scatter", "x": x, "y": y, "mode": "lines+markers", "name": name,
             "customdata": custom, "line": {"color": REFERENCE, "width": 1},

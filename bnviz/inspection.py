@@ -290,9 +290,19 @@ class InspectionReport:
         return [layer.name for layer in self.layers]
 
     def to_frame(self):
-        """A pandas DataFrame, one row per BN layer (the network overview)."""
+        """A pandas DataFrame, one row per BN layer (the network overview):
+        :meth:`overview_rows` as a table."""
         import pandas as pd
 
+        return pd.DataFrame(self.overview_rows())
+
+    def overview_rows(self) -> list[dict[str, Any]]:
+        """One plain dict per BN layer, the rows of :meth:`to_frame` (None where a value
+        does not exist, e.g. no running statistics).
+
+        Without pandas: the dashboard draws its first page from these, and importing
+        pandas (~0.4 s in a fresh process) waits until a table is opened or exported.
+        """
         rows = []
         for layer in self.layers:
             shift = layer.mean_shift()
@@ -321,7 +331,7 @@ class InspectionReport:
                     "overwritten_by": layer.overwritten_by,
                 }
             )
-        return pd.DataFrame(rows)
+        return rows
 
     def to_dict(self) -> dict:
         """The CLI's public JSON schema (documented in the README)."""

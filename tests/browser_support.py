@@ -177,6 +177,49 @@ def chromium() -> Iterator:
 # -- page helpers ---------------------------------------------------------------------------
 
 
+def _descendants_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by every descendant process of ``root``
+    (Linux /proc; 0.0 elsewhere)."""
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total = 0.0
+    for pid, cpu in used.items():
+        p = parent.get(pid)
+        while p and p != root:
+            p = parent.get(p)
+        if p == root:
+            total += cpu
+    return total
+
+
+def wait_browser_quiet(window_s: float = 0.5, max_cpu: float = 0.05,
+                       timeout_s: float = 15.0) -> float:
+    """Wait until the browsers this process started are idle: less than ``max_cpu`` of a
+    core over ``window_s``. A freshly launched chromium keeps ~1.5 cores busy for about a
+    second after its first page opens; a benchmark that starts a server then would time
+    the browser's own start-up as well. Returns the seconds waited."""
+    t0 = time.monotonic()
+    before = _descendants_cpu_s(os.getpid())
+    while time.monotonic() - t0 < timeout_s:
+        time.sleep(window_s)
+        now = _descendants_cpu_s(os.getpid())
+        if now - before < max_cpu * window_s:
+            break
+        before = now
+    return time.monotonic() - t0
+
+
 class ConsoleLog:
     """Collects console errors and uncaught page errors of one page."""
 

@@ -12,6 +12,8 @@ import base64
 import io
 import json
 import re
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -377,9 +379,25 @@ def test_cuda_device_page():
     assert "on **cuda" in texts(at)
 
 
+def override_count(at: AppTest) -> str:
+    found = [c.value for c in at.sidebar.caption if c.value.startswith("Per-layer overrides")]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def editors(at: AppTest) -> list:
+    return at.get("data_editor")
+
+
 def test_per_layer_overrides_through_the_data_editor():
     at = run(new_app(seed="103"))
     key = "overrides_efficientnet_lite0_0"
+    # the table is drawn only while its expander is open (it costs a fresh server pandas)
+    assert editors(at) == [] and override_count(at) == "Per-layer overrides: **0 active**."
+    assert at.button(key="reset_overrides").disabled
+    at.session_state["ov_open"] = True
+    run(at)
+    assert len(editors(at)) == 1
     at.session_state[key] = {
         "edited_rows": {0: {"mode": "eval"},
                         1: {"track_running_stats": "none"},
@@ -395,8 +413,9 @@ def test_per_layer_overrides_through_the_data_editor():
     assert modes[2] == "train,track=on,momentum=none"
     assert at.query_params["ov"] == (
         "_blocks.0._bn1:default,track=none;_blocks.0._bn2:default,momentum=none;_bn0:eval")
-    assert "from a per-layer override" in texts(at)
-    assert "Per-layer overrides (3 active)" in [e.label for e in at.expander]
+    assert "from a per-layer override" in texts(at) and "with 3 per-layer overrides." in texts(at)
+    assert override_count(at) == ("Per-layer overrides: **3 active** "
+                                  "(_blocks.0._bn1, _blocks.0._bn2, _bn0).")
     # the numbers of the overridden layer are eval numbers
     ref = reference({"seed": "103"}, {"_bn0": "eval"}).layer("_bn0")
     stats = chart(at, "_bn0: batch vs running statistics")
@@ -405,16 +424,35 @@ def test_per_layer_overrides_through_the_data_editor():
         arr(next(t for t in stats["data"] if t["name"] == "running mean")["y"]),
         ref.running_mean_before.numpy())
 
+    # closing the table keeps its edits (the editor's own state goes with it)
+    at.session_state["ov_open"] = False
+    run(at)
+    assert editors(at) == [] and override_count(at).startswith(
+        "Per-layer overrides: **3 active**")
+    assert at.query_params["ov"] == (
+        "_blocks.0._bn1:default,track=none;_blocks.0._bn2:default,momentum=none;_bn0:eval")
+    assert [c[1] for c in chart(at, "Network overview")["data"][0]["customdata"]][:2] == [
+        "running", "batch"]
+    # ... and opening it again shows them as the table's starting values
+    at.session_state["ov_open"] = True
+    run(at)
+    (table,) = editors(at)
+    assert table.value["mode"].tolist()[:3] == ["eval", "default", "default"]
+    assert table.value["track_running_stats"].tolist()[:3] == ["keep", "none", "keep"]
+    assert table.value["momentum"].tolist()[:3] == ["", "", "none"]
+
     at.button(key="reset_overrides").click()
     run(at)
     assert "ov" not in at.query_params
-    assert "Per-layer overrides (0 active)" in [e.label for e in at.expander]
+    assert override_count(at) == "Per-layer overrides: **0 active**."
     used = [c[1] for c in chart(at, "Network overview")["data"][0]["customdata"]]
     assert set(used) == {"batch"}
 
 
 def test_bad_momentum_names_the_layer_and_the_app_recovers():
-    at = run(new_app())
+    at = new_app()
+    at.session_state["ov_open"] = True
+    run(at)
     key = "overrides_efficientnet_lite0_0"
     at.session_state[key] = {"edited_rows": {4: {"momentum": "fast"}}, "added_rows": [],
                              "deleted_rows": []}
@@ -426,6 +464,43 @@ def test_bad_momentum_names_the_layer_and_the_app_recovers():
     run(at)
     assert errors(at) == []
     assert chart(at, "Network overview")["data"][0]["customdata"][4][2].endswith("momentum=0.5")
+
+
+def test_tables_are_drawn_when_opened_and_equal_the_report():
+    """The per-layer table (and the override editor) cost a fresh server pandas and the
+    browser its grid code: they are built only once their expander is opened."""
+    at = run(new_app(seed="105"))
+    assert at.get("dataframe") == [] and at.get("data_editor") == []
+    assert "Per-layer table" in [e.label for e in at.expander]
+    at.session_state["table_open"] = True
+    run(at)
+    (table,) = at.get("dataframe")
+    frame = reference({"seed": "105"}, "train").to_frame()
+    assert table.value["name"].tolist() == frame["name"].tolist()
+    np.testing.assert_array_equal(table.value["mean_shift"].to_numpy(),
+                                  frame["mean_shift"].to_numpy())
+    assert table.value["stats_used"].tolist() == frame["stats_used"].tolist()
+    at.session_state["table_open"] = False
+    run(at)
+    assert at.get("dataframe") == []
+
+
+def test_the_first_page_does_not_import_pandas():
+    """A fresh server draws its first page without pandas (~0.4 s of its cold start); the
+    tables and the CSV import it when opened or clicked."""
+    code = (
+        "import sys\n"
+        "from streamlit.testing.v1 import AppTest\n"
+        f"at = AppTest.from_file({APP!r}, default_timeout=600)\n"
+        "at.query_params.update({'size': '64', 'batch': '2'})\n"
+        "at.run()\n"
+        "assert not at.exception, at.exception\n"
+        "assert len(at.get('plotly_chart')) == 4\n"
+        "print('PANDAS', 'pandas' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, cwd=Path(APP).parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "PANDAS False" in out.stdout
 
 
 def test_link_reproduces_the_view():
@@ -472,6 +547,7 @@ def test_exports(captured_files):
         "Per-layer table (CSV)", "Full report (JSON, the CLI's schema)"}
     ref = reference({"seed": "104"}, "train")
     csv = captured_files[f"{stem}.csv"]
+    csv = csv() if callable(csv) else csv  # made on the click
     csv = csv.decode() if isinstance(csv, bytes) else csv
     assert csv == ref.to_frame().to_csv(index=False)
     produced = captured_files[f"{stem}.json"]()

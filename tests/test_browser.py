@@ -153,11 +153,15 @@ def test_global_mode_and_a_per_layer_override(page, server):
     wait_title(page, "_bn0: batch vs running statistics (BN used the running ones)")
     assert "mode=eval" in page.url
     # the override table (st.data_editor, a canvas grid): row 0 = _bn0, column "mode"
-    page.get_by_text("Per-layer overrides (0 active)").click()
+    # the table is built when its expander opens (a rerun), not on the first page
+    assert page.locator('[data-testid="stDataFrame"]').count() == 0
+    page.get_by_text("Per-layer overrides", exact=True).click()
     grid = page.locator('[data-testid="stDataFrame"]').first
+    grid.wait_for(timeout=TIMEOUT_MS)
+    bs.wait_idle(page, TIMEOUT_MS)
     bs.edit_grid_select(page, grid, row=0, col=1, option="train")
     wait_title(page, "_bn0: batch vs running statistics (BN used the batch ones)")
-    assert page.get_by_text("Per-layer overrides (1 active)").count() == 1
+    page.get_by_text("1 active", exact=False).first.wait_for(timeout=TIMEOUT_MS)
     assert "ov=_bn0%3Atrain" in page.url
     shot(page, "03-override.png")
 

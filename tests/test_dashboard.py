@@ -192,6 +192,29 @@ def test_editor_frame_round_trip():
     assert dash.apply_editor_state(ov, names, state) == {"l0": dash.RowOverride("train")}
 
 
+@pytest.mark.parametrize("edited", [
+    {},
+    {0: {"mode": "eval"}, 2: {"track_running_stats": "none", "momentum": "none"}},
+    {1: {"mode": "default", "track_running_stats": "keep", "momentum": ""}},
+    {1: {"momentum": None}, 2: {"mode": None, "momentum": "  0.5 "}},
+    {"0": {"mode": "train", "layer": "renamed"}},  # the layer column is not editable
+])
+def test_editor_state_without_pandas_equals_the_edited_table(edited):
+    """The app folds the editor's edits in without pandas (the table is not drawn while its
+    expander is closed): the result must be what the edited table itself gives."""
+    names = ["l0", "l1", "l2"]
+    base = {"l1": dash.RowOverride("eval", "on", "0.2")}
+    frame = dash.overrides_frame(names, base)
+    for row, edits in edited.items():
+        for col, value in edits.items():
+            if col != "layer":
+                frame.at[int(row), col] = value
+    assert dash.apply_editor_state(base, names, {"edited_rows": edited}) == \
+        dash.frame_to_overrides(frame)
+    # rows the table does not have are ignored, not added
+    assert dash.apply_editor_state(base, names, {"edited_rows": {7: {"mode": "eval"}}}) == base
+
+
 # -- view data equals what PyTorch computed ---------------------------------------------------
 
 
@@ -452,6 +475,10 @@ def test_formula_elements_match_explain(lite_report, lite_view):
 def test_exports_equal_the_report(lite_report, lite_view):
     assert json.loads(lite_view.report_json()) == json.loads(lite_report.to_json())
     assert lite_view.table_csv == lite_report.to_frame().to_csv(index=False)
+    frame = lite_report.to_frame()
+    assert lite_view.overview.equals(frame) and lite_view.overview_frame().equals(frame)
+    assert lite_view.overview_frame() is not lite_view.overview  # a private copy
+    assert list(lite_view.overview_rows) == lite_report.overview_rows()
 
 
 def test_inplace_relu_data(resnet_report, resnet_view):
