@@ -92,6 +92,14 @@ def test_loads_with_every_chart_and_no_errors(page, server):
     assert page.get_by_text("are not in place", exact=False).count() >= 1
     assert "layer=_bn0" in page.url and "model=efficientnet_lite0" in page.url
     shot(page, "01-overview.png")
+    # the per-layer table is built when opened (a rerun), with one row per BN layer
+    grids = page.locator('[data-testid="stDataFrame"]')
+    assert grids.count() == 0
+    page.get_by_text("Per-layer table", exact=True).click()
+    grids.first.wait_for(timeout=TIMEOUT_MS)
+    bs.wait_idle(page, TIMEOUT_MS)
+    assert grids.first.locator("table").first.get_attribute("aria-rowcount") == "50"
+    assert page.locator(bs.CHART).count() == 12  # the four charts are still drawn
     scroll_to(page, "2. Layer view")
     shot(page, "02-layer-view.png")
     # every tab of the layer view draws its charts when opened
