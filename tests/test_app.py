@@ -645,6 +645,14 @@ def test_inplace_relu_view_for_resnet18():
     np.testing.assert_array_equal(ref, np.maximum(clone, 0))
     assert "rewrote" in texts(at) and "clone()" in texts(at)
     assert dash.EXPLAIN["inplace"] in texts(at)
+    # the list of every overwritten layer is a table, built when its expander opens
+    label = next(e.label for e in at.expander if "overwritten in place" in e.label)
+    assert at.get("dataframe") == []
+    at.session_state["inplace_table_open"] = True
+    run(at)
+    (table,) = at.get("dataframe")
+    assert f"All {len(table.value)} layers" in label
+    assert "bn1" in table.value["layer"].tolist()
     at.selectbox(key="layer").set_value("layer1.0.bn2")
     run(at)
     assert "overwritten by add_" in "".join(charts(at))
