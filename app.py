@@ -564,6 +564,8 @@ def main() -> None:
     # by BNVIZ_PREFETCH=0.
     dash.note_activity(browser_address())
     dash.prefetch_other_mode(cfg, modes, view, loaded, x, layer_names, device)
+    # The first page needs no pandas; the first table opened will (once per process).
+    dash.import_when_quiet("pandas")
 
 
 @st.fragment

@@ -33,18 +33,46 @@ def preload_chart_code() -> None:
     chunk = plotly_chunk_name()
     if chunk is None:
         return
+    grid = grid_chunk_name()
+    later = "" if grid is None else GRID_LATER_JS.replace("GRID", grid)
     # Resolved against Streamlit's own entry script, so it also works under a base URL path.
     st.html(
         "<script>(() => { const entry = document.querySelector("
         "'script[type=\"module\"][src*=\"/static/js/index.\"]');"
-        f" if (entry) import(new URL('./{chunk}', entry.src).href).catch(() => {{}}); }})();"
+        f" if (!entry) return; import(new URL('./{chunk}', entry.src).href).catch(() => {{}});"
+        f"{later} }})();"
         "</script>",
         unsafe_allow_javascript=True,
     )
 
 
+#: Streamlit's table grid (st.dataframe / st.data_editor: 1.2 MB of JavaScript with its Arrow
+#: code, ~0.7 s of the first table's opening here) is not on the first page any more: load it
+#: once the page has been idle for 2 s with a chart on it (the charts are drawn and being
+#: read), when the browser has nothing else to do, once per page.
+GRID_LATER_JS = (
+    " if (window.__bnvizGridCode) return; window.__bnvizGridCode = true;"
+    " const drawn = () => document.querySelector('[data-testid=\"stPlotlyChart\"] .main-svg')"
+    " && !document.querySelector('[data-testid=\"stStatusWidget\"]');"
+    " const load = () => import(new URL('./GRID', entry.src).href).catch(() => {});"
+    " let calm = 0; const poll = () => { calm = drawn() ? calm + 1 : 0;"
+    " if (calm >= 4) { if (window.requestIdleCallback) requestIdleCallback(load, {timeout: 2000});"
+    " else setTimeout(load, 0); }"
+    " else { setTimeout(poll, 500); } }; setTimeout(poll, 500);"
+)
+
+
 def plotly_chunk_name() -> str | None:
     """File name of the frontend chunk holding Streamlit's plotly chart (hashed per release)."""
+    return _chunk("PlotlyChart")
+
+
+def grid_chunk_name() -> str | None:
+    """File name of the frontend chunk holding Streamlit's table grid (hashed per release)."""
+    return _chunk("DataFrame")
+
+
+def _chunk(stem: str) -> str | None:
     js = Path(st.__file__).parent / "static" / "static" / "js"
-    found = sorted(js.glob("PlotlyChart.*.js"))
+    found = sorted(js.glob(f"{stem}.*.js"))
     return found[0].name if found else None

@@ -92,9 +92,12 @@ def test_loads_with_every_chart_and_no_errors(page, server):
     assert page.get_by_text("are not in place", exact=False).count() >= 1
     assert "layer=_bn0" in page.url and "model=efficientnet_lite0" in page.url
     shot(page, "01-overview.png")
-    # the per-layer table is built when opened (a rerun), with one row per BN layer
+    # the per-layer table is built when opened (a rerun), with one row per BN layer; the
+    # grid's code was fetched while the charts were read (the first page has no table)
     grids = page.locator('[data-testid="stDataFrame"]')
     assert grids.count() == 0
+    page.wait_for_function("() => performance.getEntriesByType('resource')"
+                           ".some(e => e.name.includes('/DataFrame.'))", timeout=TIMEOUT_MS)
     page.get_by_text("Per-layer table", exact=True).click()
     grids.first.wait_for(timeout=TIMEOUT_MS)
     bs.wait_idle(page, TIMEOUT_MS)
