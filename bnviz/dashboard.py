@@ -1357,10 +1357,17 @@ def prefetch_other_mode(cfg: DashConfig, modes: Mapping[str, str], view: ViewDat
 
     Also offers the all-eval reference predictions when ``view`` is all-eval, so a toggle
     away from eval does not need a second forward for them.
+
+    Only on the CPU: a prefetch stops or pauses at the BatchNorm layers the CPU forward
+    hands over as it goes (:class:`OverlappedCondensing`); a CUDA forward hands nothing
+    over, so it could neither make way for a student's forward nor pause, and both would
+    hold every kept activation in GPU memory at once.
     """
     pre = PREFETCH if prefetcher is None else prefetcher
     pre.remember(repr(cfg.compute_key()))
     if not pre.enabled:
+        return False
+    if not str(device).startswith("cpu"):
         return False
     if set(modes.values()) == {"eval"}:
         pre.offer(("eval", repr(cfg.eval_key())),
@@ -1498,6 +1505,10 @@ def release_memory() -> None:
             _LIBC = False
     if _LIBC:
         _LIBC.malloc_trim(0)
+    # PyTorch keeps freed GPU memory reserved for its next allocation; on a GPU shared by
+    # other sessions' processes that looks like a leak, so it goes back too (same delay).
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 _LIBC: Any = None

@@ -44,5 +44,15 @@ def available_devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+#: How cuDNN and cuBLAS say they could not get workspace memory: a RuntimeError without
+#: "out of memory" in it, but the same problem with the same fix.
+_OOM_MARKERS = ("out of memory", "cudnn_status_alloc_failed", "cublas_status_alloc_failed")
+
+
 def is_cuda_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """Whether ``exc`` says the device ran out of memory (PyTorch's allocator, cuDNN or
+    cuBLAS), so the message can name the fix instead of showing a traceback."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _OOM_MARKERS)

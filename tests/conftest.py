@@ -14,6 +14,22 @@ def device(request) -> str:
 
 
 @pytest.fixture(autouse=True)
+def _full_float32_on_cuda():
+    """On CUDA, PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by default. The
+    tests compare against float32 references with float32 tolerances, so CUDA runs them in
+    full float32; a no-op without CUDA."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
 def _no_background_prefetch(monkeypatch):
     """In-process tests (AppTest, dashboard) count forwards and compare numbers per run, so
     the dashboard's background prefetch is off there; tests/test_prefetch.py switches it on

@@ -596,7 +596,7 @@ def test_cuda_view_matches_cpu(lite, lite_x):
     cpu = dash.compute_view_data(lite, lite_x, "train", "cpu", random_init=False)
     gpu = dash.compute_view_data(lite, lite_x, "train", "cuda", random_init=False)
     assert gpu.device.startswith("cuda")
-    for a, b in zip(cpu.layers, gpu.layers):
+    for a, b in zip(cpu.layers, gpu.layers, strict=True):
         np.testing.assert_allclose(a.batch_mean, b.batch_mean, rtol=1e-3, atol=1e-4)
         assert b.max_abs_diff < 1e-3
 

@@ -55,28 +55,33 @@ def assert_unchanged(model, snap):
     assert bn_attrs == snap[3]
 
 
-def native_reference(model: nn.Module, x: torch.Tensor, mode: str | None):
-    """Run PyTorch itself on a deepcopy with the mode applied; capture BN in/out by clone."""
-    ref = copy.deepcopy(model)
+def native_reference(model: nn.Module, x: torch.Tensor, mode: str | None,
+                     device: str = "cpu"):
+    """Run PyTorch itself on a deepcopy with the mode applied, on ``device`` (the one the
+    inspection ran on: CUDA kernels need not match the CPU's bit for bit); capture BN
+    in/out by clone, returned on the CPU."""
+    ref = copy.deepcopy(model).to(device)
+    x = x.to(device)
     bns = [(n, m) for n, m in ref.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if mode is not None:
         for _, m in bns:
             apply_mode(m, parse_mode(mode))
-    before = {n: (None if m.running_mean is None else m.running_mean.clone(),
-                  None if m.running_var is None else m.running_var.clone()) for n, m in bns}
+    before = {n: (None if m.running_mean is None else m.running_mean.cpu().clone(),
+                  None if m.running_var is None else m.running_var.cpu().clone())
+              for n, m in bns}
     captured = {}
 
     def hook(name):
         def fn(mod, inp, out):
-            captured[name] = (inp[0].detach().clone(), out.detach().clone())
+            captured[name] = (inp[0].detach().cpu().clone(), out.detach().cpu().clone())
         return fn
 
     for n, m in bns:
         m.register_forward_hook(hook(n))
     with torch.no_grad():
         ref(x)
-    after = {n: (None if m.running_mean is None else m.running_mean.clone(),
-                 None if m.running_var is None else m.running_var.clone(),
+    after = {n: (None if m.running_mean is None else m.running_mean.cpu().clone(),
+                 None if m.running_var is None else m.running_var.cpu().clone(),
                  None if m.num_batches_tracked is None else int(m.num_batches_tracked))
              for n, m in bns}
     return captured, before, after
@@ -102,7 +107,7 @@ def test_modes_match_native(device, mode, expected_stats, changes):
     snap = snapshot(net)
     x = torch.randn(4, 3, 10, 10) * 2 + 0.5
     report = bnviz.inspect(net, x, modes=mode, device=device)
-    captured, before, after = native_reference(net, x, mode)
+    captured, before, after = native_reference(net, x, mode, device)
     assert_unchanged(net, snap)
     assert len(report.layers) == 2
     for layer in report.layers:
@@ -174,7 +179,7 @@ def test_1d_3d_and_batch_one(device, bn_cls, conv_cls, shape, mode):
     net = small_net(bn_cls, conv_cls)
     x = torch.randn(*shape)
     report = bnviz.inspect(net, x, modes=mode, device=device)
-    captured, _, after = native_reference(net, x, mode)
+    captured, _, after = native_reference(net, x, mode, device)
     for layer in report.layers:
         assert layer.type == bn_cls.__name__
         torch.testing.assert_close(layer.output, captured[layer.name][1], rtol=1e-6, atol=1e-6)
@@ -514,6 +519,36 @@ def test_out_of_memory_becomes_a_clear_error():
     assert "out of memory" in str(err.value) and "smaller batch" in str(err.value)
 
 
+@pytest.mark.parametrize("message", [
+    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "CUDA error: out of memory",
+])
+def test_library_allocation_failures_are_reported_as_out_of_memory(message):
+    """cuDNN and cuBLAS say "alloc failed", not "out of memory": same problem, same fix."""
+
+    class Starved(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            self.bn(x)
+            raise RuntimeError(message)
+
+    with pytest.raises(bnviz.DeviceError) as err:
+        bnviz.inspect(Starved(), torch.randn(2, 3, 4, 4))
+    assert "Out of memory" in str(err.value) and "smaller batch" in str(err.value)
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory():
+    from bnviz.devices import is_cuda_oom
+
+    assert not is_cuda_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_cuda_oom(ValueError("allocation of a large batch"))
+    assert is_cuda_oom(torch.cuda.OutOfMemoryError("anything"))
+
+
 def test_activation_found_after_a_discarded_bn_output():
     """A BN output nobody consumes must not hide the activation of the next BN layer."""
 
@@ -617,7 +652,7 @@ def test_mixed_affine_and_dtypes_in_one_network(device):
     x = torch.randn(3, 4, 5, 5) * 3 + 1
     for mode in ["eval", "train"]:
         report = bnviz.inspect(net.eval(), x, modes=mode, device=device)
-        captured, _, after = native_reference(net, x, mode)
+        captured, _, after = native_reference(net, x, mode, device)
         for layer in report.layers:
             inp, out = captured[layer.name]
             assert layer.batch_mean.dtype == inp.dtype

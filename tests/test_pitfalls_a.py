@@ -190,16 +190,17 @@ def test_explain_bad_user_output_and_layer(lite):
 # --------------------------------------------------------------------------------------------
 
 
-def _true_bn_output(loaded, layer, raw):
-    """Our own hook with .clone(): the BN output before anything else touches it."""
-    module = copy.deepcopy(loaded.module).eval()
+def _true_bn_output(loaded, layer, raw, device="cpu"):
+    """Our own hook with .clone(): the BN output before anything else touches it (run on
+    the pitfall's device, whose kernels need not match the CPU's bit for bit)."""
+    module = copy.deepcopy(loaded.module).eval().to(device)
     box = {}
     def keep(mod, args, out):  # no return value: a returned value would replace the output
-        box["y"] = out.clone()
+        box["y"] = out.detach().cpu().clone()
 
     h = module.get_submodule(layer).register_forward_hook(keep)
     with torch.no_grad():
-        module(loaded.preprocess(raw))
+        module(loaded.preprocess(raw.to(device)))
     h.remove()
     return box["y"]
 
@@ -214,7 +215,7 @@ def test_inplace_relu_resnet18(resnet18, device):
     r = inplace_relu(resnet18, device=device, **KW)
     _assert_untouched(resnet18.module, state, training)
     raw = bnviz.make_stimulus("image", SIZE, 2, name="chelsea", composition="different")
-    true = _true_bn_output(resnet18, "bn1", raw)
+    true = _true_bn_output(resnet18, "bn1", raw, device)
     negative = float((true < 0).double().mean())
     assert 0.05 < negative < 0.95
     assert r.data["overwritten_fraction"] == pytest.approx(negative, abs=1e-12)

@@ -383,6 +383,24 @@ def test_the_prefetched_other_mode_is_the_view_a_toggle_computes(lite, x96):
                                         prefetcher=pre)
 
 
+def test_nothing_is_prefetched_for_a_gpu(lite, x96):
+    """A CUDA forward hands no layer over while it runs, so a prefetch there could neither
+    make way for a student's forward nor pause: the GPU is left to the foreground."""
+    pre = Prefetcher()
+    names = lite.bn_layer_names
+    cfg = dash.DashConfig(size=96, batch_size=2, composition="jitter", mode="train",
+                          device="cuda")
+    modes = dash.overrides_to_modes("train", {}, names)
+    shown = dash.compute_view_data(lite, x96, modes, "cpu", random_init=False)
+    for device in ("cuda", "cuda:0"):
+        assert not dash.prefetch_other_mode(cfg, modes, shown, lite, x96, names, device,
+                                            prefetcher=pre)
+    assert pre.counts["scheduled"] == 0
+    assert dash.prefetch_other_mode(cfg, modes, shown, lite, x96, names, "cpu",
+                                    prefetcher=pre)
+    assert pre.idle(WAIT * 4) and pre.counts["finished"] == 1
+
+
 def test_an_all_eval_view_offers_the_reference_predictions(lite, x96):
     pre = Prefetcher()
     cfg = dash.DashConfig(size=96, batch_size=2, composition="jitter", mode="eval")
