@@ -291,8 +291,8 @@ def sidebar_modes(layer_names: list[str]) -> dict[str, dash.RowOverride]:
     active = dash.apply_editor_state(base, layer_names, edits)
     sb.caption(f"Per-layer overrides: **{len(active)} active**"
                + (f" ({', '.join(sorted(active))})" if 0 < len(active) <= 3 else "") + ".")
-    # Drawn only while open (a stateful expander): the table needs pandas and the browser's
-    # grid code, ~0.5 s of a fresh server's first page that no chart waits for any more.
+    # Drawn only while open (a stateful expander): a table is serialised with Arrow and needs
+    # the browser's grid code (1.2 MB of JavaScript), which no chart waits for any more.
     # The label stays the same, so the open/closed state survives every edit.
     box = sb.expander("Per-layer overrides", expanded=ss.get("_ov_expanded", False),
                       key="ov_open", on_change="rerun")
@@ -342,7 +342,7 @@ def view_overview(view: dash.ViewData) -> None:
     chart(figures.overview_figure(view), key="overview_chart",
           on_select=lambda: select_from_overview(names), selection_mode="points")
     explain("overview")
-    # Drawn only while open: the table is the first use of pandas on a fresh server.
+    # Drawn only while open: no chart of a fresh server's first page waits for a table.
     table = st.expander("Per-layer table", key="table_open", on_change="rerun")
     if table.open:
         cols = ["index", "name", "mode", "stats_used", "updates_running", "mean_shift",
@@ -423,7 +423,7 @@ def view_inplace(view: dash.ViewData, layer: dash.LayerView, channel: int) -> No
     if rows:
         box = st.expander(f"All {len(rows)} layers whose output is overwritten in place",
                           key="inplace_table_open", on_change="rerun")
-        if box.open:  # drawn only while open (a table needs pandas)
+        if box.open:  # drawn only while open (see view_overview)
             box.dataframe(rows, hide_index=True)
 
 
@@ -564,8 +564,6 @@ def main() -> None:
     # by BNVIZ_PREFETCH=0.
     dash.note_activity(browser_address())
     dash.prefetch_other_mode(cfg, modes, view, loaded, x, layer_names, device)
-    # The first page needs no pandas; the first table opened will (once per process).
-    dash.import_when_quiet("pandas")
 
 
 @st.fragment

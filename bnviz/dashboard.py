@@ -36,7 +36,6 @@ import io
 import math
 import os
 import re
-import sys
 import tempfile
 import threading
 import time
@@ -869,8 +868,8 @@ class ViewData:
         return [layer.name for layer in self.layers]
 
     # The per-layer table as pandas objects is made on first use, not with the view: the
-    # charts need only the rows, and a fresh server would otherwise import pandas (~0.4 s)
-    # before its first chart. Two sessions racing here build equal values; either is kept.
+    # charts need only the rows; only the opened table and the CSV need a DataFrame. Two
+    # sessions racing here build equal values; either is kept.
     @functools.cached_property
     def overview(self):
         """The per-layer table, equal to ``report.to_frame()`` (shared: do not modify)."""
@@ -1384,36 +1383,6 @@ def prefetch_other_mode(cfg: DashConfig, modes: Mapping[str, str], view: ViewDat
                                          random_init=random_init, cancel=cancel))
 
 
-_LATER_IMPORTS: set[str] = set()
-_LATER_IMPORTS_LOCK = threading.Lock()
-
-
-def import_when_quiet(module: str, *, prefetcher: Prefetcher | None = None) -> bool:
-    """Import ``module`` on a low-priority thread once the server is quiet (see
-    :meth:`Prefetcher.wait_quiet`); False if it is imported or on its way already.
-
-    Why: the first page leaves pandas out (it waits for no table), so the first table a
-    student opens would pay the import (~0.4 s in a fresh process, ~1.8 -> 1.1 s to open the
-    override table). Imported while the charts are read, it costs nobody anything.
-    """
-    with _LATER_IMPORTS_LOCK:
-        if module in sys.modules or module in _LATER_IMPORTS:
-            return False
-        _LATER_IMPORTS.add(module)
-    pre = PREFETCH if prefetcher is None else prefetcher
-
-    def work() -> None:
-        lower_thread_priority()
-        pre.wait_quiet()
-        try:
-            importlib.import_module(module)
-        except ImportError:  # the page that needs it reports it when it imports it
-            pass
-
-    threading.Thread(target=work, name=f"bnviz-import-{module}", daemon=True).start()
-    return True
-
-
 def eval_predictions(key: Any, loaded, x: torch.Tensor, device: str, *,
                      prefetcher: Prefetcher | None = None) -> EvalPredictions:
     """The all-eval reference of ``key`` (:meth:`DashConfig.eval_key`): offered by an
@@ -1809,9 +1778,10 @@ def freeze_long_lived_objects() -> int:
     10 ms layer switch reached the browser 250-300 ms after the click). ``gc.freeze()`` moves
     the objects alive now into the permanent generation, so a full collection only scans
     what was created since and still frees every reference cycle a session creates. (What
-    is imported later, plotly and pandas, still made the post-run scan 35-50 ms, so the
-    repository's config also switches it off; Python's own collector and
-    :func:`release_memory` do the collecting. The freeze keeps those collections short.)
+    is imported later, such as plotly's lazily loaded modules, still made the post-run scan
+    35-50 ms when pandas was imported late too, so the repository's config also switches it
+    off; Python's own collector and :func:`release_memory` do the collecting. The freeze
+    keeps those collections short.)
 
     Call it once a model has been loaded (the app does, when it loads one): at that point
     nearly everything alive lives as long as the process, and a collection right after the

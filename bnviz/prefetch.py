@@ -259,26 +259,6 @@ class Prefetcher:
                 self._foreground -= 1
                 self._cond.notify_all()
 
-    def wait_quiet(self, timeout: float | None = None) -> bool:
-        """Wait until no page is being drawn (``quiet_s`` since the last :meth:`activity`)
-        and no forward somebody waits for is running; False on timeout.
-
-        For other low-priority work that must not take the cores a browser or a waiting
-        student needs (the dashboard imports its table code this way)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while True:
-                left = self._busy_for()
-                if left <= 0 and self._foreground == 0:
-                    return True
-                wait = left if left > 0 else None
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return False
-                    wait = remaining if wait is None else min(wait, remaining)
-                self._cond.wait(wait)
-
     def idle(self, timeout: float | None = None) -> bool:
         """Wait until nothing is pending or running; False on timeout (for tests)."""
         with self._cond:

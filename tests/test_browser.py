@@ -42,14 +42,17 @@ def browser():
 
 
 @pytest.fixture
-def page(browser):
+def page(browser, server):
     context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
     pg = context.new_page()
     pg.set_default_timeout(TIMEOUT_MS)
     log = bs.ConsoleLog(pg)
+    seen = len(server.log())
     yield pg
     context.close()
     assert log.real_errors() == [], log.real_errors()
+    # an exception in the script shows on the page, not in the console: the server logs it
+    assert "Traceback" not in server.log()[seen:], server.log()[seen:][-3000:]
 
 
 def open_app(page, server, query: str = SMALL, charts: int = 4) -> None:

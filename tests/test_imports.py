@@ -65,3 +65,46 @@ def test_concurrent_first_imports_never_see_a_half_initialised_module():
         if proc.returncode != 0:
             failures.append(f"{mod}: {out.strip().splitlines()[-1:]}")
     assert not failures, failures
+
+
+# One session opens a table (the first use of pandas in this process) while another draws its
+# charts. Plotly does not import pandas: it looks it up in ``sys.modules`` (to convert pandas
+# objects) while building and serialising *every* figure, and during an import that entry is
+# a half-initialised module: ``AttributeError: partially initialized module 'pandas' has no
+# attribute 'Series'``, the chart's page crashes. Here the table's import is held in the
+# middle (at ``pandas.core.frame``) while the other thread builds and serialises a chart.
+PANDAS_RACE = """
+import sys, threading, time
+import bnviz  # noqa: F401 -- every page imports it before drawing anything
+from bnviz import figures
+import numpy as np
+import plotly.io as pio
+z = np.linspace(-1, 1, 3 * 8 * 8, dtype=np.float32).reshape(3, 8, 8)
+pio.to_json(figures.input_figure(z, np.arange(8), np.arange(8)))  # the page drawn before
+inside = threading.Event()
+class HoldPandasHalfway:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas.core.frame" and threading.current_thread().name == "table":
+            inside.set()
+            time.sleep(1.0)
+        return None
+sys.meta_path.insert(0, HoldPandasHalfway())
+table = threading.Thread(target=lambda: __import__("pandas"), name="table")
+table.start()
+while table.is_alive() and not inside.is_set():
+    time.sleep(0.01)
+fig = figures.input_figure(z, np.arange(8), np.arange(8))
+assert len(pio.to_json(fig, validate=False)) > 1000
+table.join()
+print("pandas import held halfway:", inside.is_set())
+"""
+
+
+@pytest.mark.slow
+def test_a_chart_drawn_while_another_session_imports_pandas_works():
+    """Importing bnviz imports pandas whole, so no chart ever meets a half-imported one
+    (CI saw the crash when pandas was imported after the first page, for the first table)."""
+    proc = subprocess.run([sys.executable, "-c", PANDAS_RACE], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pandas import held halfway: False" in proc.stdout

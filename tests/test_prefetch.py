@@ -265,47 +265,6 @@ def test_without_quiet_s_activity_changes_nothing():
         Prefetcher(quiet_s=-1)
 
 
-def test_wait_quiet_waits_for_the_page_and_for_a_waiting_forward():
-    pre = Prefetcher(quiet_s=QUIET)
-    assert pre.wait_quiet(0)  # nothing happened yet
-    pre.activity()
-    noted = time.monotonic()
-    assert not pre.wait_quiet(QUIET / 4)  # still drawing: times out
-    assert pre.wait_quiet(WAIT) and time.monotonic() - noted >= QUIET
-    released = []
-    with pre.foreground("a"):
-        waiter = threading.Thread(target=lambda: released.append(pre.wait_quiet(WAIT)))
-        waiter.start()
-        time.sleep(0.2)
-        assert released == []  # a forward somebody waits for is running
-    waiter.join(WAIT)
-    assert released == [True]
-
-
-def test_a_module_is_imported_once_the_server_is_quiet(tmp_path, monkeypatch):
-    """What the first page leaves out (pandas) is imported while the charts are read: not
-    while the page is drawn, once per process, off the threads that serve pages."""
-    name = "bnviz_later_probe"
-    (tmp_path / f"{name}.py").write_text(
-        "import threading\nTHREAD = threading.current_thread().name\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, name, raising=False)
-    pre = Prefetcher(quiet_s=QUIET)
-    pre.activity()
-    noted = time.monotonic()
-    assert dash.import_when_quiet(name, prefetcher=pre)
-    assert not dash.import_when_quiet(name, prefetcher=pre)  # on its way already
-    time.sleep(QUIET / 4)
-    assert name not in sys.modules  # the page is still being drawn
-    deadline = time.monotonic() + WAIT
-    while name not in sys.modules and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert name in sys.modules and time.monotonic() - noted >= QUIET
-    assert sys.modules[name].THREAD == f"bnviz-import-{name}"
-    assert not dash.import_when_quiet(name, prefetcher=pre)  # imported: nothing to do
-    assert not dash.import_when_quiet("json", prefetcher=pre)
-
-
 def test_only_a_browser_on_this_machine_holds_the_prefetch_back(monkeypatch):
     pre = Prefetcher(quiet_s=WAIT)
     monkeypatch.setattr(dash, "PREFETCH", pre)
