@@ -11,10 +11,7 @@ import ast
 import base64
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -473,7 +470,7 @@ def test_bad_momentum_names_the_layer_and_the_app_recovers():
 
 
 def test_tables_are_drawn_when_opened_and_equal_the_report():
-    """The per-layer table (and the override editor) cost a fresh server pandas and the
+    """The per-layer table (and the override editor) cost a rerun an Arrow table and a fresh
     browser its grid code: they are built only once their expander is opened."""
     at = run(new_app(seed="105"))
     assert at.get("dataframe") == [] and at.get("data_editor") == []
@@ -489,26 +486,6 @@ def test_tables_are_drawn_when_opened_and_equal_the_report():
     at.session_state["table_open"] = False
     run(at)
     assert at.get("dataframe") == []
-
-
-def test_the_first_page_does_not_import_pandas():
-    """A fresh server draws its first page without pandas (~0.4 s of its cold start); it is
-    imported in the background once the page is quiet, or by the first table opened."""
-    code = (
-        "import sys\n"
-        "from streamlit.testing.v1 import AppTest\n"
-        f"at = AppTest.from_file({APP!r}, default_timeout=600)\n"
-        "at.query_params.update({'size': '64', 'batch': '2'})\n"
-        "at.run()\n"
-        "assert not at.exception, at.exception\n"
-        "assert len(at.get('plotly_chart')) == 4\n"
-        "print('PANDAS', 'pandas' in sys.modules)\n")
-    # it is imported later, once the page has been quiet for this long (not in this test)
-    env = {**os.environ, "BNVIZ_PREFETCH_QUIET_S": "600"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=600, cwd=Path(APP).parent, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "PANDAS False" in out.stdout
 
 
 def test_link_reproduces_the_view():

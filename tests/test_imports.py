@@ -76,6 +76,8 @@ def test_concurrent_first_imports_never_see_a_half_initialised_module():
 PANDAS_RACE = """
 import sys, threading, time
 import bnviz  # noqa: F401 -- every page imports it before drawing anything
+peeked = ("numpy", "pandas", "PIL.Image")  # what plotly reads from sys.modules
+assert all(m in sys.modules for m in peeked), [m for m in peeked if m not in sys.modules]
 from bnviz import figures
 import numpy as np
 import plotly.io as pio
