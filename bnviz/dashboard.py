@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .devices import DEVICE_CHOICES
@@ -478,8 +479,6 @@ def overrides_to_modes(global_mode: str, overrides: Mapping[str, RowOverride],
 
 def overrides_frame(layer_names: Sequence[str], overrides: Mapping[str, RowOverride]):
     """The table the data editor shows: one row per BN layer, defaults where not overridden."""
-    import pandas as pd
-
     rows = []
     for name in layer_names:
         row = overrides.get(name, RowOverride())
@@ -873,8 +872,6 @@ class ViewData:
     @functools.cached_property
     def overview(self):
         """The per-layer table, equal to ``report.to_frame()`` (shared: do not modify)."""
-        import pandas as pd
-
         return pd.DataFrame(list(self.overview_rows))
 
     @functools.cached_property

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, NamedTuple, Protocol
 
+import pandas as pd
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
@@ -292,8 +293,6 @@ class InspectionReport:
     def to_frame(self):
         """A pandas DataFrame, one row per BN layer (the network overview):
         :meth:`overview_rows` as a table."""
-        import pandas as pd
-
         return pd.DataFrame(self.overview_rows())
 
     def overview_rows(self) -> list[dict[str, Any]]:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
+
 from ..serialize import json_safe
 
 
@@ -53,8 +55,6 @@ class PitfallResult:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def to_frame(self):
-        import pandas as pd
-
         return pd.DataFrame(self.table)
 
 
