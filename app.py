@@ -345,9 +345,10 @@ def view_overview(view: dash.ViewData) -> None:
     # Drawn only while open: no chart of a fresh server's first page waits for a table.
     table = st.expander("Per-layer table", key="table_open", on_change="rerun")
     if table.open:
-        cols = ["index", "name", "mode", "stats_used", "updates_running", "mean_shift",
-                "log_var_ratio", "max_abs_diff", "activation", "activation_inplace",
-                "overwritten_by"]
+        shared = any(r["calls"] > 1 for r in view.overview_rows)  # a module called twice
+        cols = ["index", "name", *(["call"] if shared else []), "mode", "stats_used",
+                "updates_running", "mean_shift", "log_var_ratio", "max_abs_diff", "activation",
+                "activation_inplace", "overwritten_by"]
         table.dataframe(view.overview_frame()[cols], hide_index=True, height=300)
 
 
@@ -573,7 +574,7 @@ def layer_fragment(view: dash.ViewData, overrides: dict, cfg: dash.DashConfig) -
     chart is drawn again. (The channel fragment inside notes the activity for both.)"""
     t0 = time.perf_counter()
     layer = view_layer(view, overrides)
-    channel_fragment(view, layer.name, cfg)
+    channel_fragment(view, layer.label, cfg)
     log_time("layer-fragment", t0)
 
 
@@ -586,7 +587,7 @@ def channel_fragment(view: dash.ViewData, layer_name: str, cfg: dash.DashConfig)
         channel = view_channel(view, layer)
         view_inplace(view, layer, channel)
         sync_query_params(replace(
-            cfg, layer=layer.name, channel=channel,
+            cfg, layer=layer.label, channel=channel,
             element=dash.FORMULA_ELEMENTS.index(ss["element"]),
             tab=dash.LAYER_TABS.index(ss.get("layer_tab") or dash.LAYER_TABS[0])))
     log_time("channel-fragment", t0)

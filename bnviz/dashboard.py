@@ -767,6 +767,8 @@ class LayerView(CondensedTensors, UsedStatistics):
     name: str
     type: str
     index: int
+    call: int  # which call of a module called more than once (LayerReport.call)
+    calls: int
     num_features: int
     input_shape: tuple[int, ...]
     mode: str
@@ -806,6 +808,8 @@ class LayerView(CondensedTensors, UsedStatistics):
     log_var_ratio: np.ndarray | None
     # the scatter sample through the literal formula, with the statistics BN used
     sample_manual: np.ndarray
+
+    label = LayerReport.label
 
     @property
     def spatial(self) -> tuple[int, int]:
@@ -864,7 +868,8 @@ class ViewData:
 
     @property
     def layer_names(self) -> list[str]:
-        return [layer.name for layer in self.layers]
+        """Every layer's label (``name#k`` for the calls of a module called twice or more)."""
+        return [layer.label for layer in self.layers]
 
     # The per-layer table as pandas objects is made on first use, not with the view: the
     # charts need only the rows; only the opened table and the CSV need a DataFrame. Two
@@ -884,8 +889,13 @@ class ViewData:
         return self.overview.copy()
 
     def layer(self, name: str) -> LayerView:
+        """The layer labelled ``name``; a module's plain name gives its first call (as
+        :meth:`InspectionReport.layer` does)."""
         for layer in self.layers:
-            if layer.name == name:
+            if layer.label == name:
+                return layer
+        for layer in self.layers:
+            if layer.name == name and layer.call == 1:
                 return layer
         from .modes import unknown_layer_error
 
@@ -1019,7 +1029,8 @@ def layer_view(layer: LayerReport, condensed: CondensedTensors | None = None) ->
     shift = layer.mean_shift()
     ratio = layer.log_var_ratio()
     return LayerView(
-        name=layer.name, type=layer.type, index=layer.index, num_features=layer.num_features,
+        name=layer.name, type=layer.type, index=layer.index, call=layer.call, calls=layer.calls,
+        num_features=layer.num_features,
         input_shape=tuple(layer.input_shape), mode=layer.mode, mode_source=layer.mode_source,
         training=layer.training, track_running_stats=layer.track_running_stats,
         has_running_stats=layer.has_running_stats, momentum=layer.momentum, eps=layer.eps,
@@ -1215,7 +1226,9 @@ def condense_layers(layers: Sequence[LayerReport],
     running: dict[int, Future] = {}  # started on the overlap pool: wait for those
     todo = []
     for i, layer in enumerate(layers):
-        job = overlapped.job(layer.name) if overlapped is not None else None
+        # handed over under the call's key: the name for a first call, the label after it
+        key = layer.name if layer.call == 1 else layer.label
+        job = overlapped.job(key) if overlapped is not None else None
         if job is not None and not job.cancel():  # started (or done) during the forward
             running[i] = job
         else:
@@ -1649,7 +1662,7 @@ def layer_status_text(layer: LayerView, overridden: bool) -> str:
     act = (f"followed by `{layer.activation}`"
            + (" **in place**" if layer.activation_inplace else " (not in place)")
            if layer.activation else "not directly followed by an activation")
-    return (f"`{layer.name}` ({layer.type}, {layer.num_features} channels, input "
+    return (f"`{layer.label}` ({layer.type}, {layer.num_features} channels, input "
             f"{'x'.join(str(s) for s in layer.input_shape)}) ran as `{layer.mode}` "
             f"(from {source}). It normalised with {stats} {update}; it is {act}.")
 
@@ -1659,9 +1672,9 @@ def running_update_text(layer: LayerView, channel: int) -> str:
     c = int(channel)
     if not layer.updates_running_stats or layer.running_mean_after is None:
         if not layer.has_running_stats:
-            return (f"`{layer.name}` has no running statistics (track_running_stats=None "
+            return (f"`{layer.label}` has no running statistics (track_running_stats=None "
                     "behaviour): it uses batch statistics in train *and* eval.")
-        return (f"No update: in `{layer.mode}` the running statistics of `{layer.name}` are "
+        return (f"No update: in `{layer.mode}` the running statistics of `{layer.label}` are "
                 f"{'read' if layer.stats_used == 'running' else 'ignored'}, not written. "
                 f"Channel {c}: running mean {_g(float(layer.running_mean_before[c]))}, "
                 f"running var {_g(float(layer.running_var_before[c]))}.")
@@ -1706,7 +1719,7 @@ def inplace_layers(view: ViewData) -> list[dict[str, Any]]:
     rows = []
     for layer in view.layers:
         if layer.overwritten_by is not None:
-            rows.append({"layer": layer.name, "activation": layer.activation,
+            rows.append({"layer": layer.label, "activation": layer.activation,
                          "in place": bool(layer.activation_inplace),
                          "overwritten by": layer.overwritten_by,
                          "overwritten fraction": layer.overwritten_fraction})
@@ -1725,11 +1738,11 @@ def inplace_text(view: ViewData, layer: LayerView) -> str:
     if layer.overwritten_by is None:
         consumer = (f"consumed by {layer.activation} out of place" if layer.activation
                     else "not followed by an activation")
-        return (f"`{layer.name}` is not overwritten in place (its output is {consumer}). "
+        return (f"`{layer.label}` is not overwritten in place (its output is {consumer}). "
                 f"{len(rows)} of {len(view.layers)} layers of {view.model} are: pick one in "
                 "the table.")
     frac = layer.overwritten_fraction or 0.0
-    return (f"`{layer.name}` is followed by `{layer.activation or layer.overwritten_by}`"
+    return (f"`{layer.label}` is followed by `{layer.activation or layer.overwritten_by}`"
             f"{' in place' if layer.activation_inplace else ''}: `{layer.overwritten_by}` "
             f"rewrote **{frac:.1%}** of its output in the same memory. A hook that kept "
             "a reference sees the rewritten values; `output.clone()` in the hook (or a "

@@ -230,11 +230,11 @@ def _heat(z, rows, cols, name: str, refs: dict, zmid: float | None = 0.0,
 def overview_figure(view: ViewData) -> go.Figure:
     """One point per BN layer: mean shift, log variance ratio, manual-vs-native difference.
 
-    Every point carries its layer name as ``customdata`` so a click can select the layer.
+    Every point carries its layer label as ``customdata`` so a click can select the layer.
     Marker colour says which statistics the layer normalised with.
     """
     rows = view.overview_rows
-    names = [r["name"] for r in rows]
+    names = [r["name"] if r["calls"] == 1 else f"{r['name']}#{r['call']}" for r in rows]
     x = np.array([r["index"] for r in rows], dtype=np.int32)
     used = [r["stats_used"] for r in rows]
     colors = [BATCH if u == "batch" else RUNNING for u in used]
@@ -293,7 +293,7 @@ def channel_stats_figure(layer: LayerView, channel: int | None = None,
     if channel is not None:
         for r in (1, 2):
             grid.vline(int(channel), r, 1, color=HIGHLIGHT, width=1, dash="dot")
-    return _figure(data, grid.layout, f"{layer.name}: batch vs running statistics "
+    return _figure(data, grid.layout, f"{layer.label}: batch vs running statistics "
                    f"(BN used the {layer.stats_used} ones)", 480, label)
 
 
@@ -308,7 +308,7 @@ def running_update_figure(layer: LayerView, channel: int | None = None,
                   "annotations": [{"text": "This forward does not update the running "
                                            f"statistics ({why}).", "showarrow": False,
                                    "x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper"}]}
-        return _figure([], layout, f"{layer.name}: no running-stat update", 200, label)
+        return _figure([], layout, f"{layer.label}: no running-stat update", 200, label)
     c = np.arange(layer.num_features, dtype=np.int32)
     grid = _Grid(1, 2, hspace=0.1, titles=(
         "running mean: after - before, per channel",
@@ -335,7 +335,7 @@ def running_update_figure(layer: LayerView, channel: int | None = None,
             grid.vline(int(channel), 1, col, color=HIGHLIGHT, width=1, dash="dot")
     momentum = "None (cumulative average)" if layer.momentum is None else f"{layer.momentum:g}"
     factor = "" if layer.update_factor is None else f", factor {layer.update_factor:.4g}"
-    return _figure(data, grid.layout, f"{layer.name}: running-stat update (momentum "
+    return _figure(data, grid.layout, f"{layer.label}: running-stat update (momentum "
                    f"{momentum}{factor})", 400, label)
 
 
@@ -366,7 +366,7 @@ def feature_map_figure(layer: LayerView, channel: int, label: str = "") -> go.Fi
     data = [_heat(z, layer.rows, layer.cols, name, grid.refs(1, i))
             for i, (name, z) in enumerate(panels, start=1)]
     _square_axes(grid, len(panels))
-    return _figure(data, grid.layout, f"{layer.name}, channel {c}, image 0 "
+    return _figure(data, grid.layout, f"{layer.label}, channel {c}, image 0 "
                    f"({_grid_text(layer)})", 370, label, legend=False)
 
 
@@ -376,7 +376,7 @@ def channel_gallery_figure(layer: LayerView, channels: Sequence[int], stage: str
     maps = {"input": layer.map_input, "output": layer.map_output,
             "activation": layer.map_activation}[stage]
     if maps is None:
-        raise ValueError(f"layer {layer.name} has no {stage} maps")
+        raise ValueError(f"layer {layer.label} has no {stage} maps")
     chans = [int(c) for c in channels][:8] or [0]
     grid = _Grid(1, len(chans), hspace=0.015, titles=[f"ch {c}" for c in chans])
     data = [_heat(maps[c], layer.rows, layer.cols, f"channel {c}", grid.refs(1, i))
@@ -384,7 +384,7 @@ def channel_gallery_figure(layer: LayerView, channels: Sequence[int], stage: str
     _square_axes(grid, len(chans), ticks=False)
     what = {"input": "conv output (BN input)", "output": "after BN",
             "activation": f"after {layer.activation}"}[stage]
-    return _figure(data, grid.layout, f"{layer.name}: {what}, channels "
+    return _figure(data, grid.layout, f"{layer.label}: {what}, channels "
                    f"{', '.join(map(str, chans))}, image 0", 250, label, legend=False)
 
 
@@ -419,7 +419,7 @@ def distribution_figure(layer: LayerView, channel: int, label: str = "") -> go.F
     layout["bargap"] = 0
     what = (f"all {layer.count} values" if layer.hist_count >= layer.count
             else f"{layer.hist_count} sampled of {layer.count} values")
-    return _figure(data, layout, f"{layer.name}, channel {c}: distribution over the batch "
+    return _figure(data, layout, f"{layer.label}, channel {c}: distribution over the batch "
                    f"({what})", 340, label)
 
 
@@ -446,7 +446,7 @@ def all_channels_figure(layer: LayerView, channel: int | None = None,
         grid.hline(int(channel), color=HIGHLIGHT, width=1, dash="dot")
     grid.axis(1, 1, "x").update(title={"text": "conv output value"})
     grid.axis(1, 1, "y").update(title={"text": "channel"})
-    return _figure(data, grid.layout, f"{layer.name}: every channel's distribution", 420,
+    return _figure(data, grid.layout, f"{layer.label}: every channel's distribution", 420,
                    label)
 
 
@@ -485,7 +485,7 @@ def manual_vs_native_figure(layer: LayerView, channel: int | None = None,
     grid.axis(1, 1, "y").update(title={"text": f"manual ({layer.stats_used} statistics)"})
     grid.axis(1, 2, "x").update(title={"text": "channel"})
     grid.axis(1, 2, "y").update(exponentformat="e")
-    return _figure(data, grid.layout, f"{layer.name}: manual formula vs native BatchNorm "
+    return _figure(data, grid.layout, f"{layer.label}: manual formula vs native BatchNorm "
                    f"(max diff {layer.max_abs_diff:.2e})", 420, label, legend=False)
 
 
@@ -495,7 +495,7 @@ def manual_vs_native_figure(layer: LayerView, channel: int | None = None,
 def inplace_figure(layer: LayerView, channel: int, label: str = "") -> go.Figure:
     """What a forward hook keeping a *reference* sees, against a clone taken right after BN."""
     if layer.map_reference is None:
-        raise ValueError(f"layer {layer.name} is not overwritten in place")
+        raise ValueError(f"layer {layer.label} is not overwritten in place")
     c = int(channel)
     clone = _f32(layer.map_output[c])
     ref = _f32(layer.map_reference[c])
@@ -518,7 +518,7 @@ def inplace_figure(layer: LayerView, channel: int, label: str = "") -> go.Figure
     layout["coloraxis"] = {"colorscale": HEATMAP_SCALE, "cmin": -(vmax or 1.0),
                            "cmax": vmax or 1.0, "colorbar": {"thickness": 12}}
     frac = layer.overwritten_fraction or 0.0
-    return _figure(data, layout, f"{layer.name}, channel {c}: {frac:.1%} of the BN output "
+    return _figure(data, layout, f"{layer.label}, channel {c}: {frac:.1%} of the BN output "
                    f"overwritten by {layer.overwritten_by}", 370, label, legend=False)
 
 

@@ -154,6 +154,10 @@ class LayerReport(UsedStatistics):
     max_abs_diff: float  # manual vs native output
     max_rel_diff: float  # max_abs_diff / largest per-channel RMS of the native output
     channel_max_abs_diff: torch.Tensor
+    #: which call of this module in the forward this entry describes (1-based) and how many
+    #: calls it had: a module used twice (weight sharing, a loop) has one entry per call
+    call: int = 1
+    calls: int = 1
     activation: str | None = None  # e.g. "relu", "hardtanh" (ReLU6), None if none follows
     activation_inplace: bool | None = None
     overwritten_by: str | None = None  # in-place op that later overwrote the BN output
@@ -161,6 +165,11 @@ class LayerReport(UsedStatistics):
     output: torch.Tensor | None = None  # native BN output, as it was right after BN
     activation_output: torch.Tensor | None = None
     output_reference: torch.Tensor | None = None  # what a hook keeping a reference sees at the end
+
+    @property
+    def label(self) -> str:
+        """``name``, or ``name#k`` for the k-th call of a module called more than once."""
+        return self.name if self.calls == 1 else f"{self.name}#{self.call}"
 
     # -- derived quantities -------------------------------------------------------------
     def mean_shift(self) -> torch.Tensor | None:
@@ -217,6 +226,8 @@ class LayerReport(UsedStatistics):
         """The CLI's JSON schema for one layer (see README)."""
         return {
             "name": self.name,
+            "call": self.call,
+            "calls": self.calls,
             "type": self.type,
             "num_features": self.num_features,
             "input_shape": list(self.input_shape),
@@ -280,15 +291,37 @@ class InspectionReport:
     #: or "compiled+eager" when some layers (CUDA, float64, non-contiguous) needed eager ops
     manual_check: str = "eager"
 
-    def layer(self, name: str) -> LayerReport:
+    def layer(self, name: str, call: int | None = None) -> LayerReport:
+        """The entry of layer ``name``.
+
+        A module called more than once in the forward has one entry per call, labelled
+        ``name#1``, ``name#2``, ...: pass that label, or ``name`` with ``call=k``. Plain
+        ``name`` without ``call`` gives its first call (all of them: :meth:`calls_of`).
+        """
         for layer in self.layers:
-            if layer.name == name:
+            if layer.label == name and call in (None, layer.call):
                 return layer
-        raise unknown_layer_error(name, [layer.name for layer in self.layers])
+        for layer in self.layers:
+            if layer.name == name and (call or 1) == layer.call:
+                return layer
+        if call is not None and any(layer.name == name for layer in self.layers):
+            calls = next(layer.calls for layer in self.layers if layer.name == name)
+            raise LayerError(f"Layer {name!r} was called {calls} time(s), not {call}.",
+                             f"pass call=1..{calls}.")
+        raise unknown_layer_error(name, self.layer_names)
+
+    def calls_of(self, name: str) -> list[LayerReport]:
+        """Every entry of module ``name``, one per call, in forward order."""
+        found = [layer for layer in self.layers if layer.name == name]
+        if not found:
+            raise unknown_layer_error(name, self.layer_names)
+        return found
 
     @property
     def layer_names(self) -> list[str]:
-        return [layer.name for layer in self.layers]
+        """Every entry's :attr:`LayerReport.label` (the module name, ``name#k`` for the
+        calls of a module called more than once)."""
+        return [layer.label for layer in self.layers]
 
     def to_frame(self):
         """A pandas DataFrame, one row per BN layer (the network overview):
@@ -310,6 +343,8 @@ class InspectionReport:
                 {
                     "index": layer.index,
                     "name": layer.name,
+                    "call": layer.call,
+                    "calls": layer.calls,
                     "type": layer.type,
                     "channels": layer.num_features,
                     "mode": layer.mode,
@@ -388,16 +423,15 @@ class _CopyInfo:
     scratch: manual_bn.Scratch = field(default_factory=manual_bn.Scratch)
     consumers: dict[tuple, dict[str, tuple[str | None, bool | None]]] = field(
         default_factory=dict)
+    #: the pairs whose parameters are device copies (CUDA): their values are copied again
+    #: on every reuse, since an in-place edit through ``.data`` bumps no version counter
+    copied_params: list[tuple[weakref.ReferenceType, torch.nn.Module]] = field(
+        default_factory=list)
     probed: bool = False  # each BN layer's forward runs through _install_probe's wrapper
     #: ``other_modules`` of the last run: with "eval" twice in a row, the non-BN modules'
     #: flags are still False and only the BN layers' are reset
     flags: str | None = None
-    #: the report's copies of every layer's weight and bias, made once per copy: a pooled
-    #: copy is retired when a parameter changes (:func:`_scan`), so they never go stale
-    params_report: dict[str, tuple] | None = None
     layout: _BlockLayout | None = None  # the compiled probe's block columns (CPU copies)
-    #: the concatenated weights of the layers in eval mode, by layer names and dtype
-    gammas: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     @functools.cached_property
     def bn_pairs(self) -> list[tuple[weakref.ReferenceType, _BatchNorm]]:
@@ -438,8 +472,12 @@ def _private_copy(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
             pairs.append((weakref.ref(orig), mine))
     stateful = [(ref, mine) for ref, mine in pairs
                 if isinstance(mine, _BatchNorm) or ref()._buffers]  # type: ignore[union-attr]
+    copied = [(ref, mine) for ref, mine in pairs
+              if any(p is not None and p.device != device
+                     for p in ref()._parameters.values())]  # type: ignore[union-attr]
     object.__setattr__(private, "_bnviz_info",
-                       _CopyInfo(pairs=pairs, bns=bns, stateful=stateful))
+                       _CopyInfo(pairs=pairs, bns=bns, stateful=stateful,
+                                 copied_params=copied))
     return private
 
 
@@ -451,11 +489,13 @@ def _scan(model: torch.nn.Module) -> tuple[tuple, list[str]]:
     """One walk over the module tree: a cheap fingerprint and the BN layer names.
 
     The fingerprint covers structure (modules, their types and child names), parameter
-    storage/versions and which buffers each module has. A pooled copy is reused only while
-    it is unchanged: a replaced or renamed submodule, a re-assigned parameter,
-    ``model.to(...)``, an in-place weight edit (``_version``; it matters for device copies,
-    which do not share storage) or a registered or removed buffer all force a fresh copy.
-    (Buffer *values* are copied on every reuse.)
+    storage/versions, which buffers each module has, and each module's attributes
+    (:func:`_attributes`). A pooled copy is reused only while it is unchanged: a replaced or
+    renamed submodule, a re-assigned parameter, ``model.to(...)``, an in-place weight edit
+    (``_version``), a registered or removed buffer, or a changed attribute
+    (``relu.inplace = False``, ``googlenet.transform_input = True``) all force a fresh
+    copy. What no fingerprint sees is read again on every reuse: buffer values, and the
+    values of parameters held as device copies (:func:`_reset_copy`).
 
     The walk visits modules in ``named_modules()`` order (pre-order, each module once)
     without building every qualified name; the BN layers' names come from
@@ -475,7 +515,7 @@ def _scan(model: torch.nn.Module) -> tuple[tuple, list[str]]:
         seen.add(key)
         modules.append(key)
         children = m._modules
-        layout.append((type(m), tuple(children)))
+        layout.append((type(m), tuple(children), _attributes(m.__dict__)))
         for p in m._parameters.values():
             if p is not None:
                 params.append((id(p), p.data_ptr(), p._version))
@@ -492,6 +532,35 @@ def _scan(model: torch.nn.Module) -> tuple[tuple, list[str]]:
                 _NAMES.pop(next(iter(_NAMES)))
             _NAMES[structure] = names
     return (*structure, tuple(params), tuple(buffers)), list(names)
+
+
+#: Attribute values a module's forward may read and a caller may set at any time
+#: (``relu.inplace``, ``googlenet.transform_input``, ``bn.eps``): compared by value.
+_PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device})
+#: Set anew by every inspection on its private copy, so not part of the fingerprint.
+_UNWATCHED = frozenset({"training", "_parameters", "_buffers", "_modules"})
+
+
+def _attributes(state: dict) -> tuple:
+    """The part of a module's ``__dict__`` that :func:`_scan`'s fingerprint compares: plain
+    values (and tuples of them) by value, functions and other objects set on the instance
+    (a replaced ``forward``, a tensor attribute) by identity, plus a tensor's version."""
+    out = []
+    for key, value in state.items():
+        kind = type(value)
+        if key in _UNWATCHED:
+            continue
+        if kind in _PLAIN:
+            out.append(value)
+        elif kind is tuple and all(type(v) in _PLAIN for v in value):
+            out.append(value)
+        elif "hooks" in key:
+            continue
+        elif kind is torch.Tensor:
+            out.append((id(value), value.data_ptr(), value._version))
+        elif not isinstance(value, dict | set | list):
+            out.append(id(value))
+    return tuple(out)
 
 
 #: BN layer names per module structure (ids, types and child names, which determine them):
@@ -547,7 +616,8 @@ _F32 = torch.float32
 
 
 def _reset_copy(private: torch.nn.Module) -> None:
-    """Make a pooled copy equal to its original again (BN attributes, all buffers).
+    """Make a pooled copy equal to its original again (BN attributes, all buffers, and the
+    parameters it holds as device copies; parameters on the same device share storage).
 
     Training flags are set by every run (:func:`_run_on_copy`).
 
@@ -555,8 +625,13 @@ def _reset_copy(private: torch.nn.Module) -> None:
     """
     dsts: list[torch.Tensor] = []
     srcs: list[torch.Tensor] = []
+    info = _info(private)
     with torch.no_grad():
-        for ref, m in _info(private).stateful:
+        for ref, m in info.copied_params:
+            for pname, p in ref()._parameters.items():  # type: ignore[union-attr]
+                if p is not None:
+                    m._parameters[pname].copy_(p)
+        for ref, m in info.stateful:
             orig = ref()
             if orig is None:  # pragma: no cover - the pool is keyed weakly by the root
                 raise RuntimeError("the original model of a pooled copy is gone")
@@ -681,7 +756,8 @@ def _flat_run(info: _CopyInfo, snapshot: dict[str, dict], scales: dict[str, torc
 
 def _checks(session: _Session, bns: dict[str, _BatchNorm],
             order: list[str]) -> list[manual_bn.LayerCheck]:
-    """Every called layer's :class:`~bnviz.manual_bn.LayerCheck`, in call order.
+    """Every call's :class:`~bnviz.manual_bn.LayerCheck`, in call order (``order``: the
+    calls' keys, see :class:`_Session`).
 
     Layers the compiled probe finished during the forward are read from its blocks; the
     others (a second call of a layer, parameters it cannot take, CUDA) have a
@@ -693,7 +769,7 @@ def _checks(session: _Session, bns: dict[str, _BatchNorm],
     in_block = [i for i, r in enumerate(records) if r["probe"] is None]
     checks: list[Any] = [None] * len(order)
     if in_block:
-        names = [order[i] for i in in_block]
+        names = [records[i]["layer"] for i in in_block]
         layout = flat.layout  # type: ignore[union-attr]
         found = manual_bn.block_checks(
             flat.out, flat.maxima, [layout.offsets[n] for n in names],  # type: ignore
@@ -779,11 +855,15 @@ class _Session(TorchFunctionMode):
         self.scratch = scratch
         self.snapshot = snapshot
         self.detect = detect
+        # Everything per call is keyed by the call's key: the layer name for its first
+        # call, "name#k" for the k-th (a module used twice in one forward).
         self.before: dict[str, dict] = {}
         self.records: dict[str, dict] = {}
+        self.calls: dict[str, int] = {}  # layer name -> calls so far
         self.pending: list[_Pending] = []
-        self.watched: list[tuple[str, str, weakref.ReferenceType]] = []  # (layer, role, ref)
-        self.current: str | None = None
+        #: storage pointer -> (call key, role, ref) of the tensors watched for in-place writes
+        self.watched: dict[int, list[tuple[str, str, weakref.ReferenceType]]] = {}
+        self.current: str | None = None  # the layer name of the call running now
         self.order: list[str] = []
 
     # before the layer's own forward: its state as this call starts
@@ -793,16 +873,19 @@ class _Session(TorchFunctionMode):
             self.current = name
             if self.sink is not None:
                 self._hand_off()
-            if name in self.before:  # called again in this forward: buffers may have moved
-                self.flat_args.pop(name, None)
-                self.before[name] = {
+            call = self.calls.get(name, 0) + 1
+            self.calls[name] = call
+            if call > 1:  # called again in this forward: buffers may have moved
+                key = f"{name}#{call}"
+                self.flat_args.pop(name, None)  # its block columns hold the first call
+                self.before[key] = {
                     "running_mean": _cpu_copy(module.running_mean),
                     "running_var": _cpu_copy(module.running_var),
                     "nbt": None if module.num_batches_tracked is None
                     else int(module.num_batches_tracked),
                     **_layer_state(module),
                 }
-                return name
+                return key
             # Buffers and state were taken for every layer just before the forward; the
             # state is re-read only if the model's own code changed the layer since.
             before = self.snapshot[name]
@@ -814,29 +897,35 @@ class _Session(TorchFunctionMode):
             return name
 
     # after it: measure the call
-    def after_call(self, name: str, module: _BatchNorm, args, output):
+    def after_call(self, key: str, module: _BatchNorm, args, output):
         with torch._C.DisableTorchFunction():
+            name = self.names[id(module)]
             x = args[0]
-            fast = self.flat_args.get(name)
+            fast = self.flat_args.get(name) if key == name else None
             # The common case: the compiled probe writes this layer's finished check into
             # its columns of the network-wide blocks (_FlatRun); a probe of None marks it.
             probe = None
-            if fast is None or name in self.records or not self._into_blocks(
-                    name, fast, module, x, output):
-                probe = self._probe(name, module, x, output)
-            rec = {"probe": probe, "input_shape": tuple(x.shape)}
-            if name in self.handed:  # a second call of a layer already handed over
+            if fast is None or not self._into_blocks(key, fast, module, x, output):
+                probe = self._probe(key, module, x, output)
+            rec = {"probe": probe, "input_shape": tuple(x.shape), "layer": name}
+            if key != name and name in self.handed:  # a later call of a layer handed over
                 self.sink.changed(name)  # type: ignore[union-attr]
             if name in self.keep:
                 rec["input"] = x
                 rec["output"] = output
                 rec["output_ref"] = output
-                self.watched.append((name, "input", weakref.ref(x)))
-                self.watched.append((name, "output", weakref.ref(output)))
-            self.records[name] = rec
-            self.order.append(name)
+                self._watch(key, "input", x)
+            # Watched whether kept or not: which in-place op overwrites the output is part
+            # of every report (what a hook keeping a reference would see).
             if self.detect:
-                self.pending.append(_Pending(name, weakref.ref(output)))
+                self._watch(key, "output", output)
+            self.records[key] = rec
+            self.order.append(key)
+            if self.detect:
+                self.pending.append(_Pending(key, weakref.ref(output)))
+
+    def _watch(self, key: str, role: str, t: torch.Tensor) -> None:
+        self.watched.setdefault(_storage_ptr(t), []).append((key, role, weakref.ref(t)))
 
     def _hand_off(self) -> None:
         """Give the sink every kept layer that finished before the current one started."""
@@ -844,9 +933,9 @@ class _Session(TorchFunctionMode):
         while self._hand_cursor < len(order):
             name = order[self._hand_cursor]
             self._hand_cursor += 1
-            if name in self.handed or name not in self.keep:
-                continue
             rec = self.records[name]
+            if name in self.handed or rec["layer"] not in self.keep:
+                continue
             self.handed.add(name)
             self.sink.ready(name, KeptTensors(  # type: ignore[union-attr]
                 _cpu(rec["input"]), _cpu(rec["output"]), _cpu(rec.get("activation_output")),
@@ -866,7 +955,7 @@ class _Session(TorchFunctionMode):
         buffers = module._buffers
         factor = 0.0
         if update is not None:
-            momentum = self.before[name]["momentum"]
+            momentum = self.before[name]["momentum"]  # a first call: key == layer name
             nbt = None if momentum is not None else int(buffers["num_batches_tracked"])
             factor = manual_bn.running_update_factor(momentum, nbt)
             before_mean, before_var = update
@@ -883,8 +972,8 @@ class _Session(TorchFunctionMode):
             self.block_factors[name] = factor
         return True
 
-    def _probe(self, name: str, module: _BatchNorm, x, output) -> manual_bn.Probe:
-        use_running = self.before[name]["stats_used"] == "running"
+    def _probe(self, key: str, module: _BatchNorm, x, output) -> manual_bn.Probe:
+        use_running = self.before[key]["stats_used"] == "running"
         # In eval mode the forward does not touch the buffers, so the module's own
         # running statistics are the ones BN just used.
         return manual_bn.probe_layer(  # no detach needed: the forward runs in no_grad
@@ -897,7 +986,8 @@ class _Session(TorchFunctionMode):
             running_var=module.running_var if use_running else None,
             use_running=use_running,
             scratch=self.scratch,
-            scale=self.running_scales.get(name) if use_running else None,
+            # the scale from before the forward holds for a first call only
+            scale=self.running_scales.get(key) if use_running else None,
         )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -908,16 +998,19 @@ class _Session(TorchFunctionMode):
             if self.pending:
                 self._classify_consumer(fname, inplace, args, kwargs)
             if inplace and self.watched and args and isinstance(args[0], torch.Tensor):
-                self._copy_on_write(args[0], fname)
+                entries = self.watched.get(_storage_ptr(args[0]))
+                if entries:
+                    self._copy_on_write(entries, fname)
             result = func(*args, **kwargs)
             if self.pending_activation is not None:
                 name = self.pending_activation
                 self.pending_activation = None
-                if name in self.keep and isinstance(result, torch.Tensor):
+                if self.records[name]["layer"] in self.keep and isinstance(result,
+                                                                          torch.Tensor):
                     self.records[name]["activation_output"] = result
                     # watched too: an in-place op later in the forward must not change what
                     # the report shows as this activation's output
-                    self.watched.append((name, "activation", weakref.ref(result)))
+                    self._watch(name, "activation", result)
                     if name in self.handed:  # the activation ran after the hand-off
                         self.sink.changed(name)  # type: ignore[union-attr]
             return result
@@ -943,11 +1036,11 @@ class _Session(TorchFunctionMode):
                 self.pending_activation = p.layer
         self.pending = still_pending
 
-    def _copy_on_write(self, target: torch.Tensor, fname: str):
-        ptr = _storage_ptr(target)
-        for layer, role, ref in self.watched:
+    def _copy_on_write(self, entries: list, fname: str):
+        for layer, role, ref in list(entries):
             t = ref()
-            if t is None or _storage_ptr(t) != ptr:
+            if t is None:  # freed: its storage may now belong to another tensor
+                entries.remove((layer, role, ref))
                 continue
             rec = self.records[layer]
             key = _ROLE_KEYS[role]
@@ -1166,8 +1259,9 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
             else False
     info.flags = other_modules
     private_bns = info.bns
+    like = next(iter(private.parameters()), None)  # dtype/device of buffers track=on creates
     for name, mode in requested.items():
-        apply_mode(private_bns[name], mode)
+        apply_mode(private_bns[name], mode, like)
     if not info.probed:
         for m in private_bns.values():
             _install_probe(info, m)
@@ -1184,7 +1278,7 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
     detect = bool(keep) or known is None
 
     snapshot = _snapshot(private_bns)
-    scales = _running_scales(private_bns, snapshot, info.gammas)
+    scales = _running_scales(private_bns, snapshot)
     session = _Session(info.names_by_id, keep, dev, info.scratch,
                        snapshot, detect, scales, _flat_run(info, snapshot, scales, dev), sink)
     info.session = session
@@ -1195,13 +1289,8 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
             out = private(inp)
     except ValueError as exc:
         if "Expected more than 1 value per channel" in str(exc):
-            layer = session.current or "?"
-            raise LayerError(
-                f"Layer {layer!r} is in train mode but gets one value per channel "
-                f"(batch statistics of a single value are undefined; PyTorch says: {exc}).",
-                f"use batch size >= 2 or a larger image, or put that layer in eval "
-                f"(modes={{'{layer}': 'eval'}}, CLI: --layer-mode {layer}=eval).",
-            ) from exc
+            raise single_value_error(session.current, private_bns.get(session.current or ""),
+                                     exc) from exc
         raise
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -1211,12 +1300,13 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
         if len(info.consumers) >= 16:
             info.consumers.pop(next(iter(info.consumers)))
         info.consumers[consumers_key] = {
-            n: (rec.get("activation"), rec.get("activation_inplace"))
+            n: (rec.get("activation"), rec.get("activation_inplace"), rec.get("overwritten_by"))
             for n, rec in session.records.items()
         }
     else:
         for n, rec in session.records.items():
-            rec["activation"], rec["activation_inplace"] = known.get(n, (None, None))
+            rec["activation"], rec["activation_inplace"], rec["overwritten_by"] = known.get(
+                n, (None, None, None))
 
     layers = _layer_reports(session, private_bns, requested, info)
     notes: dict[str, Any] = {}
@@ -1224,7 +1314,7 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
         notes.update(loaded.notes)
     if not names:
         notes["no_batchnorm"] = "this model has no BatchNorm layers"
-    missing = [n for n in names if n not in session.records]
+    missing = [n for n in names if n not in session.calls]
     if missing:
         notes["layers_not_called"] = missing
     notes["other_modules"] = other_modules
@@ -1248,6 +1338,32 @@ def _run_on_copy(private, module, loaded, model_input, preprocessing, requested,
         committed=committed,
         forward_ms=forward_ms,
         manual_check="+".join(backends) if backends else "eager",
+    )
+
+
+def single_value_error(layer: str | None, bn: _BatchNorm | None,
+                       exc: Exception) -> LayerError:
+    """PyTorch's "Expected more than 1 value per channel" as the real cause and a fix.
+
+    A layer normalises with batch statistics in train mode, and also in eval when it has no
+    running buffers (built with ``track_running_stats=False``, or ``track=none``): the two
+    need different fixes.
+    """
+    name = layer or "?"
+    single = ("gets one value per channel (batch statistics of a single value are "
+              f"undefined; PyTorch says: {exc})")
+    if bn is not None and not bn.training and not has_running_stats(bn):
+        return LayerError(
+            f"Layer {name!r} is in eval mode but has no running statistics (built with "
+            f"track_running_stats=False, or mode track=none), so it normalises with batch "
+            f"statistics, and it {single}.",
+            f"use batch size >= 2 or a larger input, or give the layer running statistics: "
+            f"mode 'eval,track=on' (fresh buffers: mean 0, var 1) for {name!r}.",
+        )
+    return LayerError(
+        f"Layer {name!r} is in train mode and {single}.",
+        f"use batch size >= 2 or a larger input, or put that layer in eval "
+        f"(mode 'eval' for {name!r}).",
     )
 
 
@@ -1320,8 +1436,8 @@ def _state_of(training: bool, track: bool, momentum: float | None,
     }
 
 
-def _running_scales(bns: dict[str, _BatchNorm], snapshot: dict[str, dict],
-                    gammas: dict | None = None) -> dict[str, torch.Tensor]:
+def _running_scales(bns: dict[str, _BatchNorm],
+                    snapshot: dict[str, dict]) -> dict[str, torch.Tensor]:
     """``weight / sqrt(running_var + eps)`` of every layer that will normalise with its
     running statistics, computed for all of them at once before the forward (in eval mode
     the forward does not touch the buffers, so this is exactly what BN will use)."""
@@ -1338,17 +1454,11 @@ def _running_scales(bns: dict[str, _BatchNorm], snapshot: dict[str, dict],
         eps = torch.tensor([m.eps for m in mods], dtype=work, device=dev)
         var = torch.cat([m._buffers["running_var"] for m in mods]).to(work)
         scale = torch.rsqrt(var + eps.repeat_interleave(torch.tensor(sizes, device=dev)))
-        key = (tuple(group), work)
-        gamma = gammas.get(key) if gammas is not None else None
-        if gamma is None:  # the weights of these layers, ones where none: static per copy
-            weights = [m._parameters.get("weight") for m in mods]
-            gamma = torch.cat([w.detach() if w is not None
-                               else torch.ones(m.num_features, dtype=work, device=dev)
-                               for m, w in zip(mods, weights, strict=True)]).to(work)
-            if gammas is not None:
-                if len(gammas) >= 16:  # many different eval subsets (a class toggling)
-                    gammas.clear()
-                gammas[key] = gamma
+        # The current weights (ones where none), read on every run: see _params_report.
+        weights = [m._parameters.get("weight") for m in mods]
+        gamma = torch.cat([w.detach() if w is not None
+                           else torch.ones(m.num_features, dtype=work, device=dev)
+                           for m, w in zip(mods, weights, strict=True)]).to(work)
         part_of = scale * gamma
         for n, part in zip(group, part_of.split(sizes), strict=True):
             out[n] = part
@@ -1426,19 +1536,17 @@ def _new_report(fields: dict) -> LayerReport:
 _REPORT_FIELDS = {f.name for f in dataclasses.fields(LayerReport)}
 
 
-def _params_report(info: _CopyInfo, bns: dict[str, _BatchNorm]) -> dict[str, tuple]:
-    """Every layer's (weight, bias) copies for reports, made once per pooled copy.
+def _params_report(bns: dict[str, _BatchNorm]) -> dict[str, tuple]:
+    """Every layer's (weight, bias) copies for one report, in one ``cat``.
 
-    Parameters cannot change while a copy is pooled (:func:`_scan` retires it), so the
-    reports made from one copy share these tensors. Treat report tensors as read-only.
+    Made on every run: a caller's in-place edit through ``.data`` (``w.data.mul_(3)``)
+    bumps no version counter, so no fingerprint can tell that a cached copy went stale.
     """
-    if info.params_report is None:
-        params = [m._parameters for m in bns.values()]
-        copies = _report_tensors([p.get("weight") for p in params]
-                                 + [p.get("bias") for p in params])
-        k = len(params)
-        info.params_report = {n: (copies[i], copies[k + i]) for i, n in enumerate(bns)}
-    return info.params_report
+    params = [m._parameters for m in bns.values()]
+    copies = _report_tensors([p.get("weight") for p in params]
+                             + [p.get("bias") for p in params])
+    k = len(params)
+    return {n: (copies[i], copies[k + i]) for i, n in enumerate(bns)}
 
 
 def _layer_reports(session: _Session, bns: dict[str, _BatchNorm], requested,
@@ -1446,29 +1554,42 @@ def _layer_reports(session: _Session, bns: dict[str, _BatchNorm], requested,
     """Build every layer's report from the probes, with vectorised arithmetic and copies."""
     order = session.order
     checks = _checks(session, bns, order)
-    mods = [bns[n] for n in order]
+    layer_of = [session.records[k]["layer"] for k in order]
+    mods = [bns[n] for n in layer_of]
     bufs = [m._buffers for m in mods]
-    befores = [session.before[n] for n in order]
+    befores = [session.before[k] for k in order]
     # After the forward: buffers nothing wrote (eval mode) keep the copies made before it;
-    # the others are copied now, all in one go.
+    # the others are copied now, all in one go. A call followed by another call of the same
+    # module ends where the next one starts.
     rm_after = [b["running_mean"] for b in befores]
     rv_after = [b["running_var"] for b in befores]
     nbt_after = [b["nbt"] for b in befores]
-    moved = [i for i, (before, buffers) in enumerate(zip(befores, bufs, strict=True))
-             if not _unchanged(before, buffers)]
+    calls = session.calls
+    call_no = [1 if k == n else int(k.rpartition("#")[2]) for k, n in zip(order, layer_of,
+                                                                          strict=True)]
+    moved = []
+    for i, (before, buffers) in enumerate(zip(befores, bufs, strict=True)):
+        name = layer_of[i]
+        if call_no[i] < calls[name]:
+            following = session.before[f"{name}#{call_no[i] + 1}"]
+            rm_after[i], rv_after[i] = following["running_mean"], following["running_var"]
+            nbt_after[i] = following["nbt"]
+        elif not _unchanged(before, buffers):
+            moved.append(i)
     if moved:
         copies = _report_tensors([bufs[i].get("running_mean") for i in moved]
                                  + [bufs[i].get("running_var") for i in moved])
         counts = _ints([bufs[i].get("num_batches_tracked") for i in moved])
         for j, i in enumerate(moved):
             rm_after[i], rv_after[i], nbt_after[i] = copies[j], copies[len(moved) + j], counts[j]
-    params = _params_report(info, bns)
+    params = _params_report(bns)
     updates = _manual_updates(befores, checks, rm_after, rv_after, nbt_after,
                               _block_updates(session, bns, order))
 
     reports = []
-    for i, name in enumerate(order):
-        bn, rec, before, check = mods[i], session.records[name], session.before[name], checks[i]
+    for i, key in enumerate(order):
+        name = layer_of[i]
+        bn, rec, before, check = mods[i], session.records[key], befores[i], checks[i]
         factor, man_m, man_v, diff = updates[i]
         type_name = type(bn).__name__
         if isinstance(bn, _AnyDimBatchNorm):
@@ -1508,6 +1629,8 @@ def _layer_reports(session: _Session, bns: dict[str, _BatchNorm], requested,
             "max_abs_diff": check.max_abs_diff,
             "max_rel_diff": check.max_rel_diff,
             "channel_max_abs_diff": check.channel_max_abs_diff,
+            "call": call_no[i],
+            "calls": calls[name],
             "activation": rec.get("activation"),
             "activation_inplace": rec.get("activation_inplace"),
             "overwritten_by": rec.get("overwritten_by"),
@@ -1531,7 +1654,7 @@ def _block_updates(session: _Session, bns: dict[str, _BatchNorm],
                  if n in factors and session.records[n]["probe"] is None]
     if not positions:
         return {}
-    names = [order[i] for i in positions]
+    names = [session.records[order[i]]["layer"] for i in positions]
     layout = flat.layout
     columns = manual_bn.block_columns(flat.out[4:6], [layout.offsets[n] for n in names],
                                       [bns[n].num_features for n in names])

@@ -135,22 +135,31 @@ class Preprocessing:
     std: tuple[float, float, float]
     input_size: int
     description: str
+    #: pass the input through unchanged, whatever its shape and dtype (a wrapped module
+    #: takes exactly what it would take on its own)
+    identity: bool = False
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dim() < 3 or x.shape[-3] != 3:
-            raise ValueError(
-                f"expected an image tensor shaped (N, 3, H, W) or (3, H, W), got {tuple(x.shape)}"
+            raise BnvizError(
+                f"This model's preprocessing ({self.description}) needs an image tensor "
+                f"shaped (N, 3, H, W) or (3, H, W), got {tuple(x.shape)}.",
+                "pass RGB images in [0, 1] (bnviz.make_stimulus), or wrap your module with "
+                "bnviz.models.from_module(module) without preprocess to feed any tensor.",
             )
         if not x.is_floating_point():
-            raise ValueError(
-                f"expected a float image in [0, 1], got dtype {x.dtype} (divide uint8 by 255)"
-            )
+            raise BnvizError(
+                f"This model's preprocessing needs a float image in [0, 1], got dtype "
+                f"{x.dtype}.", "divide uint8 images by 255.")
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
         return mean, std
 
     def __call__(self, raw: torch.Tensor) -> torch.Tensor:
-        """``(raw - mean[c]) / std[c]`` as float32, same device and shape as ``raw``."""
+        """``(raw - mean[c]) / std[c]`` as float32, same device and shape as ``raw``
+        (``raw`` itself for an identity preprocessing)."""
+        if self.identity:
+            return raw
         mean, std = self._stats(raw)
         return (raw.to(torch.float32) - mean) / std
 
@@ -159,6 +168,8 @@ class Preprocessing:
 
         Not clamped, so ``invert(p(raw))`` round-trips; clamp when displaying.
         """
+        if self.identity:
+            return x
         mean, std = self._stats(x)
         return x.to(torch.float32) * std + mean
 
@@ -168,7 +179,8 @@ def _identity_preprocessing() -> Preprocessing:
         mean=(0.0, 0.0, 0.0),
         std=(1.0, 1.0, 1.0),
         input_size=224,
-        description="identity: raw [0,1] pixels are passed unchanged (custom module)",
+        description="identity: the input is passed unchanged (custom module)",
+        identity=True,
     )
 
 

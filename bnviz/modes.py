@@ -13,7 +13,7 @@ A *mode string* is ``train`` or ``eval`` optionally followed by comma-separated 
 Why three ``track`` values: PyTorch behaves differently for a layer *built* with
 ``track_running_stats=False`` (no running buffers at all: batch statistics in train *and*
 eval) and a layer whose attribute was *flipped* afterwards (buffers stay: eval still uses
-them, train stops updating them). USER_STORIES.md section 4 is exactly this confusion.
+them, train stops updating them). That difference is one of the classic BatchNorm confusions.
 
 :func:`stats_used` and :func:`updates_running_stats` mirror the decision logic of
 ``torch.nn.modules.batchnorm._BatchNorm.forward`` so the report can say which statistics
@@ -157,21 +157,26 @@ def unknown_layer_error(name: str, names: list[str]) -> LayerError:
     return LayerError(f"Unknown BatchNorm layer {name!r}.", hint)
 
 
-def apply_mode(bn: _BatchNorm, mode: LayerMode) -> None:
+def apply_mode(bn: _BatchNorm, mode: LayerMode, like: torch.Tensor | None = None) -> None:
     """Set ``mode`` on ``bn`` in place. Only ever call this on a private copy of a model.
 
     ``track=none`` removes the running buffers (as a layer built with
     ``track_running_stats=False`` has none); ``track=on`` on a layer without buffers creates
-    fresh ones (mean 0, var 1, count 0), as construction would.
+    fresh ones (mean 0, var 1, count 0), as construction would: in the dtype and on the
+    device of the layer's weight, else of ``like`` (e.g. the model's first parameter, for an
+    ``affine=False`` layer that holds no tensor of its own).
     """
     bn.train(mode.training)
     if mode.track == "on":
         bn.track_running_stats = True
         if bn.running_mean is None:
-            dev = bn.weight.device if bn.weight is not None else torch.device("cpu")
-            bn.running_mean = torch.zeros(bn.num_features, device=dev)
-            bn.running_var = torch.ones(bn.num_features, device=dev)
-            bn.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=dev)
+            # The layer's own dtype and device, as ``nn.BatchNorm2d(..., dtype=, device=)``
+            # would create them (a float32 buffer in a float64 layer breaks the forward).
+            like = bn.weight if bn.weight is not None else like
+            kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
+            bn.running_mean = torch.zeros(bn.num_features, **kw)
+            bn.running_var = torch.ones(bn.num_features, **kw)
+            bn.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=kw.get("device"))
     elif mode.track == "off":
         bn.track_running_stats = False
     elif mode.track == "none":
