@@ -126,13 +126,91 @@ def test_onnx_export_attempt_is_reported_and_spy_removed():
     net[1].eval()
     attempt = mg.try_onnx_export(net, torch.randn(2, 3, 8, 8))
     assert "train" not in net.__dict__  # the spy is gone
-    assert attempt.completed or attempt.error
+    assert attempt.completed and attempt.error is None and attempt.onnx_bytes
     # The legacy exporter switches to eval and back to the *top-level* flag: if it made the
     # calls, the BN layer's own eval mode is lost; if it made none, the mode is untouched.
+    assert attempt.flags_changed == (["1"] if net[1].training else [])
     if attempt.train_calls:
         assert attempt.train_calls[-1] is True and net[1].training
     else:
         assert not net[1].training
+
+
+def _small_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                        nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    with torch.no_grad():  # running statistics far from this batch's
+        for i in (1, 4):
+            net[i].running_mean.uniform_(-1, 1)
+            net[i].running_var.uniform_(0.5, 2)
+    net.train()
+    net[1].eval()
+    return net, torch.randn(2, 3, 10, 10)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_onnx_export_runs_and_onnxruntime_matches_pytorch(dynamo):
+    import onnx
+    import onnxruntime
+
+    from bnviz.pitfalls import onnx_export
+
+    net, x = _small_net()
+    flags = [m.training for m in net.modules()]
+    configured = copy.deepcopy(net)
+    attempt = onnx_export.export_model(net, x, dynamo=dynamo)
+    assert attempt.completed, attempt.error
+    # Flags: compared with the module itself after the export.
+    assert attempt.flags_changed == [n for n, m in net.named_modules()
+                                     if isinstance(m, nn.BatchNorm2d) and m.training
+                                     != configured.get_submodule(n).training]
+    if not dynamo:
+        assert attempt.train_calls == [False, True] and attempt.flags_changed == ["1"]
+    else:
+        assert [m.training for m in net.modules()] == flags
+    # onnxruntime, run here directly, against PyTorch's all-eval output of the same net.
+    session = onnxruntime.InferenceSession(attempt.onnx_bytes,
+                                           providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref_eval = copy.deepcopy(configured).eval()(x).numpy()
+    assert abs(out - ref_eval).max() < 1e-5
+    assert abs(onnx_export.run_onnx(attempt.onnx_bytes, x) - out).max() == 0
+    diffs = onnx_export.compare_with_pytorch(out, onnx_export.pytorch_outputs(configured, x))
+    assert diffs["eval"] < 1e-5 and diffs["train"] > 1e-2 and diffs["as configured"] > 1e-2
+    assert onnx_export.closest(diffs) == "eval"
+    # The graph: what onnx itself lists.
+    nodes = [n for n in onnx.load_from_string(attempt.onnx_bytes).graph.node
+             if n.op_type == "BatchNormalization"]
+    rows = onnx_export.graph_batchnorms(attempt.onnx_bytes, ["1", "4"])
+    assert sum(r["node"] is not None for r in rows) == len(nodes)
+
+
+def test_graph_batchnorms_reads_nodes_and_training_mode():
+    """An export that keeps BatchNormalization nodes (TrainingMode.PRESERVE): each layer's
+    node and its training_mode, read back from the file."""
+    import io
+
+    import onnx
+
+    from bnviz.pitfalls import onnx_export
+
+    net, x = _small_net()
+    buffer = io.BytesIO()
+    torch.onnx.export(copy.deepcopy(net), (x,), buffer, dynamo=False,
+                      training=torch.onnx.TrainingMode.PRESERVE)
+    rows = {r["layer"]: r for r in onnx_export.graph_batchnorms(buffer.getvalue(), ["1", "4"])}
+    modes = {}
+    for node in onnx.load_from_string(buffer.getvalue()).graph.node:
+        if node.op_type == "BatchNormalization":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            modes[node.input[1].split(".")[0]] = attrs.get("training_mode", 0)
+    assert modes == {"1": 0, "4": 1}  # layer 1 frozen in eval, layer 4 training
+    assert rows["1"]["training_mode"] == 0 and "running statistics" in rows["1"]["in_graph"]
+    assert rows["4"]["training_mode"] == 1 and "batch statistics" in rows["4"]["in_graph"]
+    folded = onnx_export.graph_batchnorms(buffer.getvalue(), ["7"])[0]
+    assert folded["node"] is None and "no BatchNormalization node" in folded["in_graph"]
 
 
 def test_mode_guard_run_matches_direct_pytorch(lite, guard_result):
@@ -167,12 +245,20 @@ def test_mode_guard_auto_uses_export_or_says_it_fell_back():
     data = result.data
     assert result.weights == "random init" and "(random init)" in result.verdict
     assert data["method"] in ("export", "round-trip")
-    if data["method"] == "export":
-        assert data["exporter_train_calls"], "export chosen although it never switched modes"
-        assert "torch.onnx.export" in result.verdict
-    else:
-        assert data["fallback_to_round_trip"] and data["export_error"]
-        assert "net.train(net.training)" in result.verdict
+    # onnx is a dependency: the export completes, with both exporters.
+    assert data["method"] == "export" and data["export_completed"]
+    assert data["exporter_train_calls"] == [False, True]
+    assert "torch.onnx.export" in result.verdict
+    legacy, dynamo = data["exporters"]
+    assert (legacy["exporter"], dynamo["exporter"]) == ("dynamo=False", "dynamo=True")
+    assert legacy["completed"] and dynamo["completed"]
+    assert legacy["layers_lost"] == ["bn1"]
+    assert legacy["onnxruntime_matches"] == "eval"
+    assert legacy["onnxruntime_max_diff"]["eval"] < 1e-4
+    assert [g["layer"] for g in legacy["graph"]] == ["bn1"]
+    assert "dynamo=True" in result.verdict and "onnxruntime" in result.verdict
+    figs = REGISTRY["mode-guard"].figures(result)
+    assert len(figs) == 3 and list(figs[2].data[0].x) == ["dynamo=False", "dynamo=True"]
     assert result.reproduced
     assert result.table[0]["after_operation"] == "train"
     assert result.table[0]["after_operation_with_guard"] == "eval"
@@ -495,6 +581,18 @@ def test_cli_fold_json_with_defaults(capsys):
     assert payload["name"] == "fold" and payload["reproduced"] is True
     assert payload["model"] == "efficientnet_lite0" and payload["data"]["pairs_folded"] == 49
     assert payload["table"][0]["max_rel_diff"] < 1e-4
+
+
+def test_cli_mode_guard_json_holds_both_exports(capsys):
+    """The dynamo exporter prints progress unless told not to: stdout stays pure JSON."""
+    code = cli.main(["pitfalls", "mode-guard", "--size", "64", "--json", "-"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    payload = json.loads(out)
+    exporters = payload["data"]["exporters"]
+    assert [e["exporter"] for e in exporters] == ["dynamo=False", "dynamo=True"]
+    assert all(e["completed"] and e["onnxruntime_matches"] == "eval" for e in exporters)
+    assert payload["data"]["export_completed"] is True
 
 
 def test_cli_user_errors_exit_2(capsys):

@@ -13,11 +13,13 @@ This module provides the two helpers that make the problem visible and avoidable
 * :func:`preserve_modes` is a context manager that snapshots every module's ``training`` flag
   and restores it on exit, even when the operation raises.
 
-The experiment tries the real ``torch.onnx.export`` (the legacy TorchScript exporter, the one
-with the mode round trip) and watches the calls it makes to ``net.train``. When no exporter
-is usable here (it needs the ``onnx`` package) the export may still run its mode round trip
-before it fails; if it never reaches it, the experiment performs the round trip that causes
-the loss, ``net.train(net.training)``, and says so in the result.
+The experiment runs the real ``torch.onnx.export`` with both exporters
+(:mod:`bnviz.pitfalls.onnx_export`): it watches the calls each makes to ``net.train`` and
+which layers' flags it changes, reads what the exported graph holds for each frozen layer,
+and runs the file with onnxruntime against PyTorch's eval, train and as-configured outputs.
+The table and the next forward follow the legacy exporter (``dynamo=False``), the one with
+the mode round trip. Should no exporter run (``onnx`` missing, say), the experiment
+performs that round trip, ``net.train(net.training)``, itself and says so in the result.
 
 The second half of the module is the small shared plumbing of experiments 5-8 (loading a
 model with an honest random-init fallback, a real photo batch, CLI options and page
@@ -30,8 +32,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import io
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -44,6 +44,7 @@ from ..errors import BnvizError, LayerError
 from ..models import DEFAULT_MODEL, LoadedModel, list_models, load_model
 from ..modes import bn_layers, stats_used, unknown_layer_error
 from ..stimuli import PHOTOS, make_stimulus
+from . import onnx_export
 from .base import Experiment, PitfallResult, register
 
 __all__ = [
@@ -107,42 +108,14 @@ def round_trip(model: nn.Module) -> None:
     model.train(model.training)
 
 
-@dataclass
-class ExportAttempt:
-    """What one ``torch.onnx.export`` call did to the model's modes."""
-
-    completed: bool
-    error: str | None
-    train_calls: list[bool]  # arguments of every model.train(...) the exporter made
+ExportAttempt = onnx_export.ExportAttempt
 
 
-def try_onnx_export(model: nn.Module, x: torch.Tensor) -> ExportAttempt:
-    """Run ``torch.onnx.export(model, (x,), <in-memory file>, dynamo=False)`` and watch it.
-
-    The legacy TorchScript exporter is used on purpose: it is the one with the
-    ``model.train(originally_training)`` round trip of the story. Its calls to
-    ``model.train`` are recorded through an instance attribute (removed afterwards), so the
-    result can say what the exporter itself did, even when the export then fails (it needs
-    the ``onnx`` package to write the file). Any exception is reported, never raised: an
-    unusable exporter is a finding of this experiment, not an error.
-    """
-    calls: list[bool] = []
-    original_train = model.train
-
-    def spy(mode: bool = True):
-        calls.append(bool(mode))
-        return original_train(mode)
-
-    object.__setattr__(model, "train", spy)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x,), io.BytesIO(), dynamo=False)
-        return ExportAttempt(True, None, calls)
-    except Exception as exc:  # noqa: BLE001 - any exporter failure is reported as data
-        return ExportAttempt(False, f"{type(exc).__name__}: {exc}"[:300], calls)
-    finally:
-        object.__delattr__(model, "train")
+def try_onnx_export(model: nn.Module, x: torch.Tensor, dynamo: bool = False) -> ExportAttempt:
+    """``torch.onnx.export(model, (x,), <in-memory file>, dynamo=dynamo)``, watched
+    (:func:`bnviz.pitfalls.onnx_export.export_model`). The legacy exporter is the default:
+    it is the one with the ``model.train(originally_training)`` round trip of the story."""
+    return onnx_export.export_model(model, x, dynamo=dynamo)
 
 
 # ============================================================================================
@@ -363,7 +336,8 @@ def _operate(net: nn.Module, x: torch.Tensor, method: str) -> dict[str, Any]:
     if method == "export":
         attempt = try_onnx_export(net, x)
         return {"method": "export", "code": _EXPORT_CODE, "export_completed": attempt.completed,
-                "export_error": attempt.error, "train_calls": attempt.train_calls}
+                "export_error": attempt.error, "train_calls": attempt.train_calls,
+                "attempt": attempt}
     round_trip(net)
     return {"method": "round-trip", "code": _ROUND_TRIP_CODE, "train_calls": [net.training]}
 
@@ -456,8 +430,17 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, weights: Any = "auto",
     reproduced = (bool(lost) and bool(moved) and [tuple(r) for r in audit_guarded]
                   == [tuple(r) for r in audit_before] and len(still) == len(frozen))
 
+    exporters = []
+    if method != "round-trip":
+        first = op.get("attempt")
+        exporters = [_exporter_finding(
+            first if first is not None and not dynamo
+            else try_onnx_export(_configure(base, frozen), x, dynamo=dynamo),
+            _configure(base, frozen), x, frozen) for dynamo in onnx_export.EXPORTERS]
+
     data = {
         **setup.data_fields(),
+        "exporters": exporters,
         "layers": frozen,
         "method": op["method"],
         "operation": op["code"],
@@ -474,8 +457,61 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, weights: Any = "auto",
     }
     verdict = _verdict(setup.label, frozen, op, audit_before, audit_after, lost, moved,
                        change, kept, still)
+    verdict = " ".join([verdict, *(_exporter_sentence(e, frozen) for e in exporters)])
     return PitfallResult(name="mode-guard", title=TITLE, verdict=verdict, reproduced=reproduced,
                          table=table, data=data, **setup.result_fields())
+
+
+def _exporter_finding(attempt: ExportAttempt, configured: nn.Module, x: torch.Tensor,
+                      frozen: list[str]) -> dict[str, Any]:
+    """One exporter's result as data: the flags it changed, what its graph holds for each
+    frozen layer, and onnxruntime's output against PyTorch's on the same input."""
+    found: dict[str, Any] = {
+        "exporter": attempt.exporter, "completed": attempt.completed, "error": attempt.error,
+        "train_calls": attempt.train_calls, "flags_changed": attempt.flags_changed,
+        "layers_lost": [n for n in frozen if n in attempt.flags_changed],
+        "seconds": round(attempt.seconds, 2), "graph": [], "batchnorm_nodes": None,
+        "onnxruntime_max_diff": {}, "onnxruntime_matches": None,
+    }
+    if attempt.onnx_bytes is None:
+        return found
+    names = [n for n, _ in bn_layers(configured)]
+    graph = onnx_export.graph_batchnorms(attempt.onnx_bytes, names)
+    found["batchnorm_nodes"] = sum(row["node"] is not None for row in graph)
+    found["batchnorm_layers"] = len(names)
+    found["graph"] = [row for row in graph if row["layer"] in frozen]
+    try:
+        out = onnx_export.run_onnx(attempt.onnx_bytes, x)
+    except Exception as exc:  # noqa: BLE001 - an unrunnable file is a finding too
+        found["onnxruntime_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        return found
+    diffs = onnx_export.compare_with_pytorch(out, onnx_export.pytorch_outputs(configured, x))
+    found["onnxruntime_max_diff"] = diffs
+    found["onnxruntime_matches"] = onnx_export.closest(diffs)
+    return found
+
+
+def _exporter_sentence(found: dict[str, Any], frozen: list[str]) -> str:
+    head = f"With `{found['exporter']}`"
+    if not found["completed"]:
+        return f"{head} the export failed: {found['error']}."
+    calls = ", ".join(f"net.train({c})" for c in found["train_calls"]) or "no net.train() call"
+    lost = found["layers_lost"]
+    parts = [f"{head} ({found['seconds']:.1f} s) the exporter made {calls} and left "
+             f"{len(lost)} of {len(frozen)} frozen layer(s) in train mode."]
+    first = found["graph"][0] if found["graph"] else None
+    if first is not None:
+        parts.append(f"Its graph has {found['batchnorm_nodes']} BatchNormalization node(s) for "
+                     f"{found['batchnorm_layers']} BatchNorm layers; for {first['layer']}: "
+                     f"{first['in_graph']}.")
+    diffs = found["onnxruntime_max_diff"]
+    if diffs:
+        shown = ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+        parts.append(f"onnxruntime's output is closest to PyTorch with BatchNorm "
+                     f"{found['onnxruntime_matches']} (max |difference|: {shown}).")
+    elif found.get("onnxruntime_error"):
+        parts.append(f"onnxruntime could not run it: {found['onnxruntime_error']}.")
+    return " ".join(parts)
 
 
 def _mode(training: bool) -> str:
@@ -556,6 +592,13 @@ statistics and overwrites its running mean and variance. `audit_modes(net)` list
 layers whose mode differs from the model's (the ones at risk); wrapping the operation in
 `with preserve_modes(net):` snapshots every module's flag and writes it back afterwards,
 even if the operation raises.
+
+The export is real, with both exporters (`dynamo=False`, the legacy one, and
+`dynamo=True`): the page lists the `net.train` calls each made, which layers' flags it
+changed, what its ONNX graph holds for each frozen layer (a `BatchNormalization` node and
+its `training_mode`, or nothing because the layer was folded into the convolution), and the
+exported file run with onnxruntime against PyTorch on the same input, with BatchNorm in
+eval, in train, and as configured.
 """
 
 
@@ -585,7 +628,27 @@ def _figures(result: PitfallResult) -> list:
     ])
     bars.update_layout(barmode="group", yaxis_title="max |change of running_mean|",
                        title="What the next forward did to the frozen layer's running_mean")
-    return [heat, bars]
+    return [heat, bars, *_exporter_figures(result.data.get("exporters") or [])]
+
+
+def _exporter_figures(exporters: list[dict]) -> list:
+    """onnxruntime against PyTorch, one group of bars per exporter (log scale)."""
+    import plotly.graph_objects as go
+
+    runs = [e for e in exporters if e.get("onnxruntime_max_diff")]
+    if not runs:
+        return []
+    refs = list(runs[0]["onnxruntime_max_diff"])
+    fig = go.Figure([
+        go.Bar(name=f"PyTorch, BatchNorm {ref}", x=[e["exporter"] for e in runs],
+               y=[max(e["onnxruntime_max_diff"].get(ref, float("nan")), 1e-12) for e in runs],
+               text=[f"{e['onnxruntime_max_diff'].get(ref, float('nan')):.2e}" for e in runs])
+        for ref in refs])
+    fig.update_layout(barmode="group", yaxis_type="log",
+                      yaxis_title="max |onnxruntime - PyTorch| (log)",
+                      title="The exported file run by onnxruntime, against PyTorch on the same "
+                            "input")
+    return [fig]
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
