@@ -46,6 +46,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from types import SimpleNamespace
 from typing import Any, NamedTuple, Protocol
 
@@ -503,6 +504,7 @@ def _scan(model: torch.nn.Module) -> tuple[tuple, list[str]]:
     """
     modules = []
     layout = []
+    attributes = []
     params = []
     buffers = []
     seen: set[int] = set()
@@ -515,7 +517,8 @@ def _scan(model: torch.nn.Module) -> tuple[tuple, list[str]]:
         seen.add(key)
         modules.append(key)
         children = m._modules
-        layout.append((type(m), tuple(children), _attributes(m.__dict__)))
+        layout.append((type(m), tuple(children)))
+        attributes.append(_attributes(m))
         for p in m._parameters.values():
             if p is not None:
                 params.append((id(p), p.data_ptr(), p._version))
@@ -531,42 +534,64 @@ def _scan(model: torch.nn.Module) -> tuple[tuple, list[str]]:
             if len(_NAMES) >= 64:
                 _NAMES.pop(next(iter(_NAMES)))
             _NAMES[structure] = names
-    return (*structure, tuple(params), tuple(buffers)), list(names)
+    return (*structure, tuple(params), tuple(buffers), tuple(attributes)), list(names)
 
 
 #: Attribute values a module's forward may read and a caller may set at any time
 #: (``relu.inplace``, ``googlenet.transform_input``, ``bn.eps``): compared by value.
-_PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device})
-#: Set anew by every inspection on its private copy, so not part of the fingerprint.
-_UNWATCHED = frozenset({"training", "_parameters", "_buffers", "_modules"})
+_BY_VALUE = frozenset({bool, int, float, str, tuple, type(None), torch.dtype, torch.device})
+#: What every ``nn.Module`` keeps in its ``__dict__``: parameters, buffers and submodules are
+#: fingerprinted on their own, hooks never reach the private copy, and the training flag is
+#: set anew by every inspection.
+_STANDARD = frozenset(torch.nn.Module().__dict__)
+#: id(module) -> (len(__dict__), a getter for its own attributes' values, whether one of
+#: them is not a plain value, the module's type). The getter is an ``itemgetter``: a
+#: fingerprint is taken on every inspection, and a Python loop over ~1,000 values is slow.
+_ATTR_KEYS: dict[int, tuple] = {}
 
 
-def _attributes(state: dict) -> tuple:
-    """The part of a module's ``__dict__`` that :func:`_scan`'s fingerprint compares: plain
-    values (and tuples of them) by value, functions and other objects set on the instance
-    (a replaced ``forward``, a tensor attribute) by identity, plus a tensor's version."""
-    out = []
-    for key, value in state.items():
-        kind = type(value)
-        if key in _UNWATCHED:
-            continue
-        if kind in _PLAIN:
-            out.append(value)
-        elif kind is tuple and all(type(v) in _PLAIN for v in value):
-            out.append(value)
-        elif "hooks" in key:
-            continue
-        elif kind is torch.Tensor:
-            out.append((id(value), value.data_ptr(), value._version))
-        elif not isinstance(value, dict | set | list):
-            out.append(id(value))
-    return tuple(out)
+def _attributes(module: torch.nn.Module) -> tuple:
+    """The module's own attributes for :func:`_scan`'s fingerprint: plain values (and
+    tuples) by value; functions, tensors and other objects set on it by identity (a
+    tensor with its version), so the fingerprint holds no reference to them."""
+    state = module.__dict__
+    entry = _ATTR_KEYS.get(id(module))
+    try:
+        if entry is None or entry[0] != len(state) or entry[3] is not type(module):
+            raise KeyError
+        values = entry[1](state)
+    except KeyError:  # new, changed, or another module at a freed module's address
+        keys = tuple(k for k in state if k not in _STANDARD)
+        getter = itemgetter(*keys) if len(keys) > 1 else (lambda d, k=keys: tuple(map(
+            d.__getitem__, k)))
+        values = getter(state)
+        if len(_ATTR_KEYS) >= 100_000:
+            _ATTR_KEYS.clear()
+        entry = (len(state), getter, not _BY_VALUE.issuperset(map(type, values)),
+                 type(module))
+        _ATTR_KEYS[id(module)] = entry
+    if not entry[2]:
+        # Plain when first seen; one that became an object later is kept as it is (and
+        # compared with ==, falling back to "changed" where that cannot say: _same).
+        return values
+    return tuple(v if type(v) in _BY_VALUE
+                 else (id(v), v.data_ptr(), v._version) if type(v) is torch.Tensor else id(v)
+                 for v in values)
 
 
 #: BN layer names per module structure (ids, types and child names, which determine them):
 #: ``named_modules()`` builds a qualified name for every module, a third of a scan's cost.
 _NAMES: dict[tuple, list[str]] = {}
 _NAMES_LOCK = threading.Lock()
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Fingerprints compared; an attribute whose ``==`` cannot say (a tuple holding a
+    tensor, say) counts as changed."""
+    try:
+        return bool(a == b)
+    except (RuntimeError, ValueError, TypeError):
+        return False
 
 
 class _CopyPool:
@@ -590,7 +615,7 @@ class _CopyPool:
             entries = self._idle.get(model, {}).get(key, [])
             while entries:
                 old_sig, private = entries.pop()
-                if old_sig == sig:
+                if _same(old_sig, sig):
                     with _MODEL_LOCK:
                         _reset_copy(private)
                     return private, sig

@@ -52,6 +52,7 @@ from torch import nn
 
 from .errors import BnvizError, CheckpointError, UnknownModelError, WeightsUnavailableError
 from .imagenet import NUM_IMAGENET_CLASSES, imagenet_class_names
+from .norms import norm_layers
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -236,9 +237,7 @@ def _resolve_name(name: object) -> str:
 
 
 def _bn_layer_names(module: nn.Module) -> list[str]:
-    # _BatchNorm is the common base of BatchNorm1d/2d/3d, SyncBatchNorm and the lazy variants;
-    # InstanceNorm deliberately does not count (it never uses running statistics by default).
-    return [n for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [n for n, _ in norm_layers(module)]
 
 
 def count_bn_layers(module: nn.Module) -> int:

@@ -31,6 +31,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import LayerError, ModeError
+from .norms import norm_layers
 
 TRACK_CHOICES = ("on", "off", "none")
 _KEEP = "keep"  # sentinel for "leave the layer's momentum as it is"
@@ -115,8 +116,9 @@ def parse_mode(text: str | LayerMode) -> LayerMode:
 
 
 def bn_layers(module: torch.nn.Module) -> list[tuple[str, _BatchNorm]]:
-    """All BatchNorm layers (1d/2d/3d, SyncBatchNorm, subclasses) in definition order."""
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, _BatchNorm)]
+    """All BatchNorm layers (1d/2d/3d, SyncBatchNorm, subclasses) in definition order: the
+    layers :mod:`bnviz.norms` says bnviz inspects."""
+    return norm_layers(module)  # type: ignore[return-value]
 
 
 def resolve_modes(

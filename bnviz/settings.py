@@ -1,0 +1,81 @@
+"""Every ``BNVIZ_*`` environment variable, read in one place.
+
+:func:`settings` reads them once per process (tests that change the environment call
+``settings.cache_clear()``). Each field says what it tunes; the defaults are what
+``make run`` uses.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+
+def _float(name: str, default: float, lo: float = 0.0) -> float:
+    text = os.environ.get(name, "").strip()
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        return default
+    return value if value >= lo else default
+
+
+def _int(name: str, default: int | None, lo: int = 1) -> int | None:
+    text = os.environ.get(name, "").strip()
+    try:
+        value = int(text) if text else default
+    except ValueError:
+        return default
+    return value if value is None or value >= lo else default
+
+
+def _flag(name: str, default: bool) -> bool:
+    text = os.environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    return text not in {"0", "off", "false", "no"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The process's bnviz settings (from the environment)."""
+
+    #: BNVIZ_PROBE_KERNEL: use the compiled manual-BN check when it is built
+    probe_kernel: bool = True
+    #: BNVIZ_CACHE_DIR: where the compiled check is built (default: the user cache folder)
+    cache_dir: str | None = None
+    #: BNVIZ_PREFETCH: compute the other global mode's view while the charts are read
+    prefetch: bool = True
+    #: BNVIZ_PREFETCH_QUIET_S: seconds a local browser must be idle before prefetching
+    prefetch_quiet_s: float = 0.75
+    #: BNVIZ_OVERLAP: condense kept layers on a spare core while the forward runs
+    overlap: bool = True
+    #: BNVIZ_CONDENSE_WORKERS: threads that condense layers (default: one per core)
+    condense_workers: int | None = None
+    #: BNVIZ_RELEASE_DELAY_S: idle seconds before the server returns freed memory
+    release_delay_s: float = 120.0
+    #: BNVIZ_TORCH_THREADS: torch threads of the dashboard process (default: half the
+    #: cores, at most torch's own default)
+    torch_threads: int | None = None
+    #: BNVIZ_VIEW_CACHE: configurations whose condensed views the server keeps
+    view_cache: int = 16
+    #: BNVIZ_TIMING: log how long each part of a dashboard rerun took
+    timing: bool = False
+
+
+@functools.cache
+def settings() -> Settings:
+    """The settings of this process, read from the environment on first use."""
+    return Settings(
+        probe_kernel=_flag("BNVIZ_PROBE_KERNEL", True),
+        cache_dir=os.environ.get("BNVIZ_CACHE_DIR") or None,
+        prefetch=_flag("BNVIZ_PREFETCH", True),
+        prefetch_quiet_s=_float("BNVIZ_PREFETCH_QUIET_S", 0.75),
+        overlap=_flag("BNVIZ_OVERLAP", True),
+        condense_workers=_int("BNVIZ_CONDENSE_WORKERS", None),
+        release_delay_s=_float("BNVIZ_RELEASE_DELAY_S", 120.0),
+        torch_threads=_int("BNVIZ_TORCH_THREADS", None),
+        view_cache=_int("BNVIZ_VIEW_CACHE", 16) or 16,
+        timing=os.environ.get("BNVIZ_TIMING") == "1",
+    )
