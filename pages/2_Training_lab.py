@@ -1,10 +1,12 @@
-"""Training lab: watch BatchNorm's statistics learn, live (USER_STORIES.md sections 2 and 5).
+"""Training lab: watch BatchNorm's statistics learn, live (sections 2 and 5 of
+``docs/stories.md``).
 
 Trains :class:`bnviz.training.SmallCNN` on generated images with native, manual, detached
 and frozen BatchNorm side by side (same weights, same batches), and draws the curves while
-it trains. Everything shown comes from :func:`bnviz.training.train_lab`; the figures below
-are pure functions of its result, so a headless run with the same configuration gives the
-same numbers.
+it trains. Everything shown comes from :func:`bnviz.training.train_lab`; the figures and
+tables are pure functions of its result (:mod:`bnviz.training.figures`,
+:mod:`bnviz.training.tables`), so a headless run with the same configuration gives the same
+numbers. This page only lays out the widgets and places what the core returns.
 
 How it stays live without blocking anyone: Start launches a
 :class:`bnviz.training.TrainingJob`, i.e. ``train_lab`` in a background thread owned by this
@@ -23,11 +25,9 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
 from chart_preload import preload_chart_code
 
@@ -50,143 +50,18 @@ from bnviz.training import (  # noqa: E402
     TrainResult,
     parse_momenta,
 )
+from bnviz.training.figures import lab_figures  # noqa: E402
+from bnviz.training.tables import final_frame, gradient_frame  # noqa: E402
 
-COLORS = {"native": "#1f77b4", "manual": "#2ca02c", "detached": "#d62728", "frozen": "#9467bd"}
-# manual lies on top of native when all is well: dashed, so both stay visible.
-DASH = {"manual": "dash"}
-MOMENTUM_COLORS = {"0.1": "#ff7f0e", "0.01": "#17becf", "None": "#8c564b", "0.3": "#e377c2",
-                   "0.001": "#bcbd22"}
 MOMENTUM_CHOICES = ["0.1", "0.01", "None", "0.3", "0.001"]
 BATCH_SIZES = [2, 4, 8, 16, 32, 64, 128]
 MAX_STEPS = 3000
 JOB_KEY = "tl_job"
 # While a job runs the status line refreshes every second; the charts are redrawn when the
-# job has published new numbers, at most every two seconds (building and validating six
-# plotly figures costs a few hundred ms of CPU that the training would otherwise use).
+# job has published new numbers, at most every two seconds (building six plotly figures
+# takes CPU time that the training would otherwise use).
 STATUS_REFRESH_S = 1.0
 CHARTS_REFRESH_S = 2.0
-
-
-# --------------------------------------------------------------------------------------
-# Figures: pure functions of a TrainResult
-# --------------------------------------------------------------------------------------
-
-
-def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 340) -> go.Figure:
-    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=50, b=10),
-                      legend=dict(orientation="h", y=-0.22), hovermode="x unified")
-    fig.update_xaxes(title_text=x)
-    fig.update_yaxes(title_text=y)
-    return fig
-
-
-def _arr(values) -> np.ndarray:
-    """Plotly validates numpy arrays much faster than lists (and sends them as binary)."""
-    return np.asarray(values, dtype=np.float64)
-
-
-def _figure(traces: list[go.Scatter]) -> go.Figure:
-    fig = go.Figure()
-    fig.add_traces(traces)  # one batched call: far cheaper than one add_trace per line
-    return fig
-
-
-def fig_loss(result: TrainResult) -> go.Figure:
-    fig = _figure([go.Scatter(x=_arr(h.step), y=_arr(h.loss), name=v, mode="lines",
-                              line=dict(color=COLORS[v], width=1.5, dash=DASH.get(v)))
-                   for v, h in result.histories.items()])
-    return _layout(fig, "Training loss (cross-entropy of each step's batch)", "step", "loss")
-
-
-def fig_val_acc(result: TrainResult) -> go.Figure:
-    fig = _figure([go.Scatter(x=_arr(h.eval_step), y=_arr(h.val_acc_eval), name=v,
-                              mode="lines+markers", line=dict(color=COLORS[v], dash=DASH.get(v)))
-                   for v, h in result.histories.items()])
-    fig.add_hline(y=result.chance, line_dash="dot", line_color="gray",
-                  annotation_text=f"chance {result.chance:.0%}")
-    fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
-    return _layout(fig, "Validation accuracy, eval mode (running statistics)", "step",
-                   "accuracy")
-
-
-def fig_train_eval(result: TrainResult) -> go.Figure:
-    traces = []
-    for v, h in result.histories.items():
-        traces.append(go.Scatter(x=_arr(h.eval_step), y=_arr(h.val_acc_eval),
-                                 name=f"{v} eval mode", mode="lines",
-                                 line=dict(color=COLORS[v])))
-        traces.append(go.Scatter(x=_arr(h.eval_step), y=_arr(h.val_acc_train),
-                                 name=f"{v} train mode", mode="lines",
-                                 line=dict(color=COLORS[v], dash="dot")))
-    fig = _figure(traces)
-    fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
-    return _layout(fig, "Validation accuracy: train mode (dotted) vs eval mode (solid)", "step",
-                   "accuracy")
-
-
-def fig_weight_norm(result: TrainResult) -> go.Figure:
-    fig = _figure([go.Scatter(x=_arr(h.eval_step), y=_arr(h.conv_weight_norm), name=v,
-                              mode="lines+markers", line=dict(color=COLORS[v]))
-                   for v, h in result.histories.items()])
-    return _layout(fig, "Norm of all conv weights", "step", "‖W‖₂")
-
-
-def fig_running(result: TrainResult, layer: str, channels: list[int]) -> go.Figure | None:
-    trace = result.traces.get(layer)
-    if trace is None or not trace.batch_mean:
-        return None
-    steps = np.arange(1, len(trace.batch_mean) + 1)
-    fig = make_subplots(rows=len(channels), cols=2, shared_xaxes=True,
-                        subplot_titles=[t for c in channels
-                                        for t in (f"{layer} channel {c}: mean",
-                                                  f"{layer} channel {c}: variance")])
-    batch = {"running_mean": trace.stacked("batch_mean").numpy(),
-             "running_var": trace.stacked("batch_var_unbiased").numpy()}
-    running = {(which, label): trace.stacked(which, label).numpy()
-               for which in batch for label in trace.running_mean}
-    traces, rows, cols = [], [], []
-    for row, c in enumerate(channels, start=1):
-        first = row == 1
-        for col, which in ((1, "running_mean"), (2, "running_var")):
-            traces.append(go.Scatter(
-                x=steps, y=_arr(batch[which][:, c]), mode="markers", name="batch statistic",
-                legendgroup="batch", showlegend=first and col == 1,
-                marker=dict(color="rgba(120,120,120,0.45)", size=3)))
-            rows.append(row)
-            cols.append(col)
-            for label in trace.running_mean:
-                traces.append(go.Scatter(
-                    x=steps, y=_arr(running[which, label][:, c]), mode="lines",
-                    name=f"momentum {label}", legendgroup=label,
-                    showlegend=first and col == 1,
-                    line=dict(color=MOMENTUM_COLORS.get(label, "#333"), width=2)))
-                rows.append(row)
-                cols.append(col)
-    fig.add_traces(traces, rows=rows, cols=cols)
-    fig.update_xaxes(title_text="step", row=len(channels))
-    return _layout(fig, "Running statistics (lines) vs each step's batch statistics (dots); "
-                        "variance: unbiased, as the running update uses", "step", "",
-                   height=260 * len(channels) + 80)
-
-
-def fig_momentum_acc(result: TrainResult) -> go.Figure | None:
-    if not result.momentum_val_acc_eval:
-        return None
-    native = result.histories.get("native") or result.study_history
-    traces = [go.Scatter(x=_arr(result.momentum_eval_step), y=_arr(accs),
-                         name=f"eval mode, momentum {label}", mode="lines+markers",
-                         line=dict(color=MOMENTUM_COLORS.get(label, "#333")))
-              for label, accs in result.momentum_val_acc_eval.items()]
-    if native is not None:
-        traces.append(go.Scatter(x=_arr(native.eval_step), y=_arr(native.val_acc_train),
-                                 name="train mode (batch statistics)", mode="lines",
-                                 line=dict(color="black", dash="dot")))
-    fig = _figure(traces)
-    fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
-    return _layout(fig, f"Native network, validation accuracy: eval mode with each momentum's "
-                        f"running statistics vs train mode (batch size "
-                        f"{result.config.batch_size})", "step", "accuracy")
-
 
 PERCENT = st.column_config.NumberColumn(format="percent")
 FINAL_COLUMNS = {
@@ -200,25 +75,6 @@ def _height(frame: pd.DataFrame) -> int:
     return 36 * (len(frame) + 1) + 4
 
 
-def final_frame(result: TrainResult) -> pd.DataFrame:
-    rows = [{"variant": r["variant"], "what it is": VARIANT_DESCRIPTIONS[r["variant"]],
-             f"loss (mean of last {result.window} steps)": r["loss"],
-             "train-batch acc": r["train_acc"], "val acc, eval mode": r["val_acc_eval"],
-             "val acc, train mode": r["val_acc_train"],
-             "train − eval (points)": None if r["train_minus_eval"] is None
-             else 100 * r["train_minus_eval"]} for r in result.final_rows()]
-    return pd.DataFrame(rows)
-
-
-def gradient_frame(result: TrainResult) -> pd.DataFrame | None:
-    if result.gradient is None:
-        return None
-    return pd.DataFrame(result.gradient.rows).rename(columns={
-        "native_norm": "‖grad‖ native", "manual_max_abs_diff": "manual: max |Δ|",
-        "manual_rel_diff": "manual: relative Δ", "detached_max_abs_diff": "detached: max |Δ|",
-        "detached_rel_diff": "detached: relative Δ"})
-
-
 # --------------------------------------------------------------------------------------
 # Page
 # --------------------------------------------------------------------------------------
@@ -227,7 +83,7 @@ def gradient_frame(result: TrainResult) -> pd.DataFrame | None:
 @st.cache_resource(show_spinner=False)
 def _warm_up_optimizer_imports() -> threading.Thread:
     """Once per server process, in the background: constructing the first torch optimizer
-    imports torch._dynamo (about 2 s of CPU). Paying that while the user reads the page
+    imports torch._dynamo, which takes seconds. Paying that while the user reads the page
     keeps it out of the first training run."""
 
     def work() -> None:
@@ -343,11 +199,7 @@ def build_figures(result: TrainResult) -> dict[str, go.Figure | None]:
     cached = state.get("tl_figures")  # (snapshot, key, figures): one snapshot object per update
     if cached is not None and cached[0] is result and cached[1] == key:
         return cached[2]
-    figs = {
-        "loss": fig_loss(result), "acc": fig_val_acc(result), "gap": fig_train_eval(result),
-        "norm": fig_weight_norm(result), "momentum": fig_momentum_acc(result),
-        "running": fig_running(result, layer, sorted(channels)) if channels else None,
-    }
+    figs = lab_figures(result, layer, channels)
     state["tl_figures"] = (result, key, figs)
     return figs
 

@@ -1,18 +1,23 @@
-"""Tests for the Training lab (bnviz.training, bnviz.training_data) and ``bnviz train``.
+"""Tests for the Training lab (the bnviz.training package) and ``bnviz train``.
 
 Every claim the lab makes is checked against PyTorch itself: the manual BatchNorm module
 against ``nn.BatchNorm2d`` (forward, gradients, running statistics), the detached one for
 "same forward, different gradients", the frozen variant for running statistics that never
 move, and the momentum study against the running-average formula and against a network
-really built with that momentum. Runs are short (tens of steps, one CPU thread).
+really built with that momentum; the page's figures and tables against the run they are
+drawn from, without Streamlit. Runs are short (tens of steps, one CPU thread). One file for
+the whole lab (over 600 lines) so that most tests share the one 100-step run of the
+``run`` fixture instead of training again.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,7 +40,17 @@ from bnviz.training import (
     torch_threads,
     train_lab,
 )
-from bnviz.training_data import CLASS_NAMES, DataSpec, batch_order, make_dataset
+from bnviz.training.data import CLASS_NAMES, DataSpec, batch_order, make_dataset
+from bnviz.training.figures import (
+    fig_loss,
+    fig_momentum_acc,
+    fig_running,
+    fig_train_eval,
+    fig_val_acc,
+    fig_weight_norm,
+    lab_figures,
+)
+from bnviz.training.tables import final_frame, gradient_frame
 
 SHORT = TrainConfig(steps=100, batch_size=32, lr=0.02, seed=0, eval_every=20, device="cpu")
 
@@ -147,7 +162,8 @@ def test_detached_bn_same_forward_different_input_gradient():
     # weight/bias gradients see only x_hat and dL/dy: identical.
     torch.testing.assert_close(detached.weight.grad, manual.weight.grad)
     torch.testing.assert_close(detached.bias.grad, manual.bias.grad)
-    # The running statistics are updated the same way (unlike story 2's version).
+    # The running statistics are updated the same way (unlike the version in section 2 of
+    # docs/stories.md, which never updated them).
     torch.testing.assert_close(detached.running_var, manual.running_var)
 
 
@@ -387,12 +403,12 @@ def test_training_job_trains_in_the_background_and_stops():
 
 
 def test_training_job_reports_errors(monkeypatch):
-    import bnviz.training as training
+    import bnviz.training.job as training_job
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(training, "train_lab", broken)
+    monkeypatch.setattr(training_job, "train_lab", broken)
     job = TrainingJob(tiny()).start()
     assert job.join(timeout=30)
     assert isinstance(job.error, RuntimeError) and job.result is None and job.latest is None
@@ -457,6 +473,94 @@ def test_parse_momenta():
     assert parse_momenta("0.1, 0.01,none") == DEFAULT_MOMENTA
     assert parse_momenta([0.1, None, 0.1]) == (0.1, None)
     assert parse_momenta("") == ()
+
+
+# --------------------------------------------------------------------------------------
+# Figures and tables of the page, without Streamlit
+# --------------------------------------------------------------------------------------
+
+
+def _trace(fig, name: str, nth: int = 0):
+    return [t for t in fig.data if t.name == name][nth]
+
+
+def _same(values, expected) -> None:
+    np.testing.assert_array_equal(np.asarray(values, dtype=np.float64),
+                                  np.asarray(expected, dtype=np.float64))
+
+
+def test_history_figures_carry_the_numbers_of_the_run(run):
+    loss, acc = fig_loss(run), fig_val_acc(run)
+    gap, norm = fig_train_eval(run), fig_weight_norm(run)
+    assert loss.layout.title.text.startswith("Training loss")
+    assert acc.layout.title.text.startswith("Validation accuracy, eval mode")
+    for v, h in run.histories.items():
+        _same(_trace(loss, v).x, h.step)
+        _same(_trace(loss, v).y, h.loss)
+        _same(_trace(acc, v).x, h.eval_step)
+        _same(_trace(acc, v).y, h.val_acc_eval)
+        _same(_trace(gap, f"{v} eval mode").y, h.val_acc_eval)
+        _same(_trace(gap, f"{v} train mode").y, h.val_acc_train)
+        _same(_trace(norm, v).y, h.conv_weight_norm)
+    assert len(loss.data) == len(acc.data) == len(norm.data) == len(run.histories)
+    assert acc.layout.shapes[0].y0 == run.chance  # the chance line
+
+
+def test_running_statistics_figure_carries_the_traces_of_the_run(run):
+    trace = run.traces["bn2"]
+    fig = fig_running(run, "bn2", [1, 3])
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["bn2 channel 1: mean", "bn2 channel 1: variance",
+                      "bn2 channel 3: mean", "bn2 channel 3: variance"]
+    # Per channel: mean panel (batch dots, one line per momentum), then variance panel.
+    for row, c in enumerate([1, 3]):
+        for panel, (batch, running) in enumerate((("batch_mean", "running_mean"),
+                                                 ("batch_var_unbiased", "running_var"))):
+            nth = 2 * row + panel
+            dots = _trace(fig, "batch statistic", nth)
+            _same(dots.x, range(1, SHORT.steps + 1))
+            _same(dots.y, trace.stacked(batch)[:, c])
+            for label in ("0.1", "0.01", "None"):
+                _same(_trace(fig, f"momentum {label}", nth).y,
+                      trace.stacked(running, label)[:, c])
+    assert fig_running(run, "bn2", []) is None
+
+
+def test_momentum_figure_carries_the_study_of_the_run(run):
+    fig = fig_momentum_acc(run)
+    assert f"batch size {SHORT.batch_size}" in fig.layout.title.text
+    for label, accs in run.momentum_val_acc_eval.items():
+        _same(_trace(fig, f"eval mode, momentum {label}").x, run.momentum_eval_step)
+        _same(_trace(fig, f"eval mode, momentum {label}").y, accs)
+    _same(_trace(fig, "train mode (batch statistics)").y,
+          run.histories["native"].val_acc_train)
+
+
+def test_figures_without_a_momentum_study_and_all_figures_of_the_page(run):
+    no_study = copy.copy(run)
+    no_study.traces, no_study.momentum_val_acc_eval = {}, {}
+    assert fig_running(no_study, "bn2", [0]) is None
+    assert fig_momentum_acc(no_study) is None
+    figs = lab_figures(run, "bn3", [5, 2])
+    assert list(figs) == ["loss", "acc", "gap", "norm", "momentum", "running"]
+    assert [a.text for a in figs["running"].layout.annotations][::2] == [
+        "bn3 channel 2: mean", "bn3 channel 5: mean"]  # channels in ascending order
+    assert lab_figures(run, "bn3", [])["running"] is None
+
+
+def test_tables_carry_the_final_numbers_and_the_gradient_check(run):
+    frame = final_frame(run)
+    rows = run.final_rows()
+    assert list(frame["variant"]) == [r["variant"] for r in rows]
+    _same(frame["val acc, eval mode"], [r["val_acc_eval"] for r in rows])
+    _same(frame["train − eval (points)"], [100 * r["train_minus_eval"] for r in rows])
+    assert f"loss (mean of last {run.window} steps)" in frame.columns
+    grads = gradient_frame(run)
+    assert list(grads["parameter"]) == [r["parameter"] for r in run.gradient.rows]
+    _same(grads["detached: relative Δ"], [r["detached_rel_diff"] for r in run.gradient.rows])
+    no_check = copy.copy(run)
+    no_check.gradient = None
+    assert gradient_frame(no_check) is None
 
 
 # --------------------------------------------------------------------------------------

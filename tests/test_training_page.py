@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import bnviz.training as training
+import bnviz.training.job as training_job
 from bnviz.training import TrainConfig, train_lab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,13 +81,13 @@ def headless():
 def counted(monkeypatch):
     """Count train_lab calls made through the page's training job."""
     calls = []
-    real = training.train_lab
+    real = training_job.train_lab
 
     def wrapper(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_lab", wrapper)
+    monkeypatch.setattr(training_job, "train_lab", wrapper)
     return calls
 
 
