@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -74,7 +75,8 @@ def settings() -> Settings:
         prefetch_quiet_s=_float("BNVIZ_PREFETCH_QUIET_S", 0.75),
         overlap=_flag("BNVIZ_OVERLAP", True),
         condense_workers=_int("BNVIZ_CONDENSE_WORKERS", None),
-        release_delay_s=_float("BNVIZ_RELEASE_DELAY_S", 120.0),
+        # a negative delay means "at once", as it always did (not the default)
+        release_delay_s=max(0.0, _float("BNVIZ_RELEASE_DELAY_S", 120.0, lo=-math.inf)),
         torch_threads=_int("BNVIZ_TORCH_THREADS", None),
         view_cache=_int("BNVIZ_VIEW_CACHE", 16) or 16,
         timing=os.environ.get("BNVIZ_TIMING") == "1",

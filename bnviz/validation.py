@@ -7,6 +7,7 @@ random init that is the same in every run and process.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,13 +29,14 @@ def is_random_weights(weights: Any) -> bool:
 
 def as_int(value: Any) -> int | None:
     """``value`` as an int when it is a whole number (an int, an integral float, or a string
-    of one); None otherwise. Booleans are not numbers here."""
+    of one; numpy's scalars count too); None otherwise. Booleans are not numbers here."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return int(number) if number.is_integer() else None
     if isinstance(value, str):
         text = value.strip()
         try:

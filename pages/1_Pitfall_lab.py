@@ -1,10 +1,11 @@
 """Pitfall lab: the classic BatchNorm confusions, reproduced live on real networks.
 
-The page is generic: it lists every experiment registered in :mod:`bnviz.pitfalls` and, for
-the selected one, shows the story, the plain-language explanation, the experiment's
-controls, a verdict computed from PyTorch's own numbers, the table and the figures. Runs
-are cached per (experiment, settings) with ``st.cache_data`` so revisiting is instant. The
-explainer (experiment 1) additionally diagnoses an output the user computed themselves.
+The page is generic: it lists every experiment of :data:`bnviz.pitfalls.EXPERIMENTS` and, for
+the selected one (``?experiment=<name>``), shows the story, the plain-language explanation,
+the experiment's controls (drawn by :mod:`bnviz.pitfalls.controls`), a verdict computed from
+PyTorch's own numbers, the table and the figures. Runs are cached per (experiment, settings)
+with ``st.cache_data`` so revisiting is instant. The explainer (experiment 1) additionally
+diagnoses an output the user computed themselves.
 """
 
 from __future__ import annotations
@@ -24,15 +25,13 @@ preload_chart_code()  # the browser loads plotly.js while this page imports PyTo
 # then waits for that import instead of racing into its submodules (tests/test_imports.py).
 import bnviz  # noqa: E402, F401
 from bnviz.errors import BnvizError  # noqa: E402
-from bnviz.pitfalls import load_all  # noqa: E402
-
-EXPERIMENTS = load_all()
+from bnviz.pitfalls import REGISTRY  # noqa: E402
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def run_cached(name: str, kwargs: dict):
     """One experiment run; cached on its name and settings (results are plain data)."""
-    return EXPERIMENTS[name].run(**kwargs)
+    return REGISTRY[name].run(**kwargs)
 
 
 def display_frame(rows: list[dict]) -> pd.DataFrame:
@@ -79,7 +78,7 @@ def npy_bytes(array) -> bytes:
 
 def user_output_section(experiment, kwargs: dict, result) -> None:
     """Experiment 1: upload your own output and learn which formula produced it."""
-    from bnviz.pitfalls.explain import load_user_output
+    from bnviz.pitfalls.user_output import load_user_output
 
     st.subheader("Why doesn't *my* manual BN match?")
     data = result.data
@@ -124,21 +123,21 @@ st.markdown(
     "watch the numbers change."
 )
 
-names = list(EXPERIMENTS)
+names = list(REGISTRY)
 wanted = st.query_params.get("experiment")
 name = st.selectbox(
     "Experiment", names, index=names.index(wanted) if wanted in names else 0,
-    format_func=lambda n: f"{names.index(n) + 1}. {EXPERIMENTS[n].title}  ({n})",
+    format_func=lambda n: f"{names.index(n) + 1}. {REGISTRY[n].title}  ({n})",
     key="pitfall:experiment",
 )
-experiment = EXPERIMENTS[name]
+experiment = REGISTRY[name]
 st.header(experiment.title)
 st.markdown(f"> {experiment.story}")
 st.markdown(experiment.explanation)
 
 with st.expander("Settings", expanded=False):
     try:
-        kwargs = experiment.controls(st) if experiment.controls else {}
+        kwargs = experiment.controls(st)
     except BnvizError as exc:
         st.error(str(exc))
         kwargs = {}

@@ -18,11 +18,14 @@ import torch.nn.functional as F
 
 import bnviz
 from bnviz.errors import BnvizError, LayerError
-from bnviz.pitfalls import EXPERIMENT_MODULES
-from bnviz.pitfalls.explain import CANDIDATES, explain, load_user_output
-from bnviz.pitfalls.inplace_relu import inplace_relu
-from bnviz.pitfalls.partial_forward import METHODS, partial_forward
-from bnviz.pitfalls.track_stats import track_stats
+from bnviz.pitfalls import EXPERIMENTS
+from bnviz.pitfalls.explain import run as explain
+from bnviz.pitfalls.formulas import CANDIDATES
+from bnviz.pitfalls.inplace_relu import run as inplace_relu
+from bnviz.pitfalls.partial_forward import METHODS
+from bnviz.pitfalls.partial_forward import run as partial_forward
+from bnviz.pitfalls.track_stats import run as track_stats
+from bnviz.pitfalls.user_output import load_user_output
 
 SIZE = 64
 KW = {"size": SIZE, "batch_size": 2}
@@ -403,7 +406,7 @@ def test_cli_has_every_experiment_and_rejects_unknown_names(capsys):
     sub = next(a for a in parser._subparsers._group_actions if a.dest == "command")
     pitfalls = sub.choices["pitfalls"]
     names = list(next(a for a in pitfalls._subparsers._group_actions).choices)
-    assert names == list(EXPERIMENT_MODULES)
+    assert names == list(EXPERIMENTS)
     assert main(["pitfalls"]) == 2
     assert "required" in capsys.readouterr().err
     assert main(["pitfalls", "no-such-thing"]) == 2

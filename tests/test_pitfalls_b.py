@@ -20,7 +20,7 @@ from torch import nn
 from bnviz import cli
 from bnviz.errors import BnvizError, LayerError
 from bnviz.modes import bn_layers
-from bnviz.pitfalls import REGISTRY, load_all
+from bnviz.pitfalls import REGISTRY, common, load_all
 from bnviz.pitfalls import detach as detach_mod
 from bnviz.pitfalls import fold as fold_mod
 from bnviz.pitfalls import freeze as freeze_mod
@@ -360,8 +360,8 @@ def test_fold_run_eval_agrees_train_does_not(lite, fold_result):
     for conv_name, bn_name in data["pairs"]:
         fused = torch.nn.utils.fusion.fuse_conv_bn_eval(folded.get_submodule(conv_name),
                                                         folded.get_submodule(bn_name))
-        fold_mod.replace_module(folded, conv_name, fused)
-        fold_mod.replace_module(folded, bn_name, nn.Identity())
+        common.replace_module(folded, conv_name, fused)
+        common.replace_module(folded, bn_name, nn.Identity())
     train_bn = copy.deepcopy(lite.module).eval()
     for _, bn in bn_layers(train_bn):
         bn.train()
@@ -564,7 +564,7 @@ def test_registered_with_complete_protocol():
         parser = argparse.ArgumentParser()
         exp.add_arguments(parser)
         kwargs = exp.kwargs_from_args(parser.parse_args([]))
-        assert kwargs["size"] == mg.DEFAULT_SIZE and kwargs["model"] == "efficientnet_lite0"
+        assert kwargs["size"] == common.DEFAULT_SIZE and kwargs["model"] == "efficientnet_lite0"
         assert callable(exp.controls)
     parser = argparse.ArgumentParser()
     REGISTRY["freeze"].add_arguments(parser)

@@ -100,7 +100,7 @@ def _running_formula_npy(path: Path) -> None:
     """The story's manual BN: running statistics on the layer input of the page's defaults
     (efficientnet_lite0 _bn0, uniform image, batch 2, 112 px), while the layer is in train."""
     import bnviz
-    from bnviz.pitfalls.explain import explain
+    from bnviz.pitfalls.explain import run as explain
 
     x = torch.from_numpy(explain().arrays["input"]).double()
     bn = bnviz.load_model("efficientnet_lite0").module._bn0

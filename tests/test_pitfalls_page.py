@@ -19,8 +19,8 @@ import streamlit
 import torch
 from streamlit.testing.v1 import AppTest
 
-from bnviz.pitfalls import EXPERIMENT_MODULES, load_all
-from bnviz.pitfalls.explain import explain
+from bnviz.pitfalls import EXPERIMENTS, load_all
+from bnviz.pitfalls.explain import run as explain
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "1_Pitfall_lab.py")
 SMALL = 64
@@ -56,13 +56,13 @@ def test_page_lists_all_experiments_in_order():
     at = _app("explain").run()
     select = at.selectbox(key="pitfall:experiment")
     assert select.value == "explain"
-    assert [o.split("(")[-1].rstrip(")") for o in select.options] == list(EXPERIMENT_MODULES)
+    assert [o.split("(")[-1].rstrip(")") for o in select.options] == list(EXPERIMENTS)
     _check_rendered(at, "explain")
     # The verdict is the headless function's, computed with the same defaults.
     assert _verdicts(at)[0] == f"**Verdict.** {explain(size=SMALL).verdict}"
 
 
-@pytest.mark.parametrize("name", list(EXPERIMENT_MODULES))
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_every_experiment_renders(name):
     at = _app(name).run()
     _check_rendered(at, name)

@@ -1,9 +1,11 @@
-"""Pitfall lab: the classic BatchNorm confusions of USER_STORIES.md as live experiments.
+"""Pitfall lab: the classic BatchNorm confusions of docs/stories.md as live experiments.
 
-Each experiment has three faces built from one :class:`~bnviz.pitfalls.base.Experiment`:
-a headless function returning a :class:`~bnviz.pitfalls.base.PitfallResult` (data plus a
-verdict computed from PyTorch's own numbers), a ``bnviz pitfalls <name>`` CLI subcommand
-and a section of the dashboard's Pitfall lab page.
+Each experiment is one module of this package exposing the same names (``NAME``, ``TITLE``,
+``STORY``, ``EXPLANATION``, ``CONTROLS``, ``run``, ``figures``, ``add_arguments``,
+``kwargs_from_args``; see :mod:`bnviz.pitfalls.base`), and :data:`EXPERIMENTS` lists them in
+the order the lab presents them: adding an experiment is one new module and one line there.
+From that one list come the headless functions, the ``bnviz pitfalls <name>`` subcommands
+(:mod:`bnviz.pitfalls.cli`) and the sections of the dashboard's Pitfall lab page.
 
     >>> from bnviz.pitfalls import REGISTRY, run_experiment
     >>> result = run_experiment("fold")           # defaults: a real model, a real photo
@@ -12,28 +14,36 @@ and a section of the dashboard's Pitfall lab page.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
-from .base import REGISTRY, Experiment, PitfallResult, register
+from .base import Experiment, PitfallResult
 
-#: CLI names in the order the lab presents them (one module per experiment).
-EXPERIMENT_MODULES = {
-    "explain": "explain",
-    "inplace-relu": "inplace_relu",
-    "partial-forward": "partial_forward",
-    "track-stats": "track_stats",
-    "mode-guard": "mode_guard",
-    "fold": "fold",
-    "detach": "detach",
-    "freeze": "freeze",
-}
+#: Experiment names (CLI and ``?experiment=`` links) in lab order; the module of each is its
+#: name with "-" written "_".
+EXPERIMENTS = (
+    "explain",
+    "inplace-relu",
+    "partial-forward",
+    "track-stats",
+    "mode-guard",
+    "fold",
+    "detach",
+    "freeze",
+)
 
 
+@functools.cache
 def load_all() -> dict[str, Experiment]:
-    """Import every experiment module (each registers itself) and return the registry."""
-    for module in EXPERIMENT_MODULES.values():
-        importlib.import_module(f"{__name__}.{module}")
-    return {name: REGISTRY[name] for name in EXPERIMENT_MODULES if name in REGISTRY}
+    """Every experiment by name, in lab order (the modules are imported on first use)."""
+    experiments = {}
+    for name in EXPERIMENTS:
+        module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+        experiment = Experiment.from_module(module)
+        if experiment.name != name:
+            raise TypeError(f"{module.__name__}.NAME is {experiment.name!r}, expected {name!r}.")
+        experiments[name] = experiment
+    return experiments
 
 
 def run_experiment(name: str, **kwargs) -> PitfallResult:
@@ -48,7 +58,10 @@ def run_experiment(name: str, **kwargs) -> PitfallResult:
 
 
 def __getattr__(name: str):
-    """Lazy re-exports of the reusable tools, e.g. ``from bnviz.pitfalls import preserve_modes``."""
+    """Lazy names: ``REGISTRY`` (:func:`load_all`) and the mode guard's reusable tools, e.g.
+    ``from bnviz.pitfalls import preserve_modes``; importing the package stays light."""
+    if name == "REGISTRY":
+        return load_all()
     if name in ("audit_modes", "preserve_modes"):
         from . import mode_guard
 
@@ -57,6 +70,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "EXPERIMENT_MODULES", "Experiment", "PitfallResult", "REGISTRY", "audit_modes", "load_all",
-    "preserve_modes", "register", "run_experiment",
+    "EXPERIMENTS", "Experiment", "PitfallResult", "REGISTRY", "audit_modes", "load_all",
+    "preserve_modes", "run_experiment",
 ]

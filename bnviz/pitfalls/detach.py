@@ -1,6 +1,6 @@
 """Experiment 7: a re-implemented BN with detached statistics: same output, other gradients.
 
-USER_STORIES.md section 2: someone re-implemented BatchNorm with the batch mean and variance
+docs/stories.md section 2: someone re-implemented BatchNorm with the batch mean and variance
 ``.detach()``-ed. The forward output is identical to the native layer's, yet the network did
 not learn. The reason is in the backward pass: in train mode the batch mean and variance are
 functions of the input, and the true gradient of BN flows through them too. Detaching them
@@ -29,20 +29,36 @@ from ..errors import BnvizError
 from ..inspection import logits_of
 from ..models import DEFAULT_MODEL, LoadedModel
 from ..modes import bn_layers, unknown_layer_error
-from .base import Experiment, PitfallResult, register
-from .fold import replace_module
-from .mode_guard import (
-    DEFAULT_SIZE,
-    add_common_arguments,
-    add_option,
-    common_controls,
-    common_kwargs,
-    layer_control,
-    prepare,
-)
+from .base import PageControls, PhotoInputs, PitfallResult, Widget
+from .cli import add_photo_options, photo_kwargs
+from .common import DEFAULT_SIZE, prepare_photo, replace_module
 
 __all__ = ["ManualBatchNorm", "NetworkLoss", "RandomWeightsLoss", "capture_bn_input",
-           "compare_gradients", "run", "shift_scale_fraction"]
+           "compare_gradients", "figures", "run", "shift_scale_fraction"]
+
+NAME = "detach"
+TITLE = "Detached statistics: same output, wrong gradients"
+STORY = ("Re-implemented BN with .detach()ed statistics does not learn (docs/stories.md "
+         "section 2)")
+EXPLANATION = """\
+In train mode BatchNorm normalises with the batch mean and variance, and those are computed
+*from the input*. So the true gradient of BN with respect to its input has three parts: the
+direct path through `x`, and the paths through the mean and the variance. If a
+re-implementation `.detach()`es the statistics, the forward numbers stay identical but the
+last two paths vanish. The missing part is exactly the component of the gradient that would
+shift or rescale a channel - moves that BN undoes anyway. True BN sends zero gradient in
+those directions; the detached version keeps pushing the previous layers there, so they learn
+the wrong thing. The gradients of gamma and beta are not affected: they only depend on the
+normalised values, which are the same.
+
+By default the loss is the real one: the model's cross-entropy against a class, sent back
+through the rest of the network, so the layer receives the gradient training would give it.
+The "random" loss `sum(y * r)` uses fixed random weights `r` on the layer alone. A plain
+`sum(y)` would be useless: each channel's normalised values always sum to zero, so `sum(y)`
+is a constant and the true input gradient is zero (the detached version would still report a
+non-zero one). The table also shows the user's second mistake, `var()` (unbiased) instead of
+the biased variance BN normalises with: that one changes the forward output itself.
+"""
 
 
 class ManualBatchNorm(nn.Module):
@@ -318,7 +334,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, weights: Any = "auto",
     """
     if loss not in LOSSES:
         raise BnvizError(f"Unknown loss {loss!r}.", f"choose one of: {', '.join(LOSSES)}.")
-    setup = prepare(model, weights, photo, batch_size, size, seed, device)
+    setup = prepare_photo(model, weights, photo, batch_size, size, seed, device)
     module = setup.private_module()
     names = [n for n, _ in bn_layers(module)]
     layer = names[0] if layer is None else layer
@@ -345,7 +361,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, weights: Any = "auto",
                   and (det["input_grad_rel_diff"] or 0.0) > 10 * man_rel
                   and (det["shift_grad_norm"] or 0.0) > 100 * native_shift)
     verdict = _verdict(setup.label, layer, data, by)
-    return PitfallResult(name="detach", title=TITLE, verdict=verdict, reproduced=reproduced,
+    return PitfallResult(name=NAME, title=TITLE, verdict=verdict, reproduced=reproduced,
                          table=rows, data=data, arrays=arrays, **setup.result_fields())
 
 
@@ -386,30 +402,12 @@ def _verdict(label: str, layer: str, data: dict, by: dict[str, dict]) -> str:
     return " ".join(parts)
 
 
-TITLE = "Detached statistics: same output, wrong gradients"
-
-EXPLANATION = """\
-In train mode BatchNorm normalises with the batch mean and variance, and those are computed
-*from the input*. So the true gradient of BN with respect to its input has three parts: the
-direct path through `x`, and the paths through the mean and the variance. If a
-re-implementation `.detach()`es the statistics, the forward numbers stay identical but the
-last two paths vanish. The missing part is exactly the component of the gradient that would
-shift or rescale a channel - moves that BN undoes anyway. True BN sends zero gradient in
-those directions; the detached version keeps pushing the previous layers there, so they learn
-the wrong thing. The gradients of gamma and beta are not affected: they only depend on the
-normalised values, which are the same.
-
-By default the loss is the real one: the model's cross-entropy against a class, sent back
-through the rest of the network, so the layer receives the gradient training would give it.
-The "random" loss `sum(y * r)` uses fixed random weights `r` on the layer alone. A plain
-`sum(y)` would be useless: each channel's normalised values always sum to zero, so `sum(y)`
-is a constant and the true input gradient is zero (the detached version would still report a
-non-zero one). The table also shows the user's second mistake, `var()` (unbiased) instead of
-the biased variance BN normalises with: that one changes the forward output itself.
-"""
+# --------------------------------------------------------------------------------------------
+# Figures, command line, page controls
+# --------------------------------------------------------------------------------------------
 
 
-def _figures(result: PitfallResult) -> list:
+def figures(result: PitfallResult) -> list:
     import plotly.graph_objects as go
 
     rows = result.table[1:]
@@ -458,49 +456,27 @@ def _figures(result: PitfallResult) -> list:
     return figs
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, batch_size=4)
-    add_option(parser, "--layer", default=None,
-               help="BN layer to re-implement (default: the first BN layer)")
-    add_option(parser, "--loss", default="network", choices=list(LOSSES),
-               help="network: cross-entropy through the rest of the model; random: "
-                    "sum(y * r) on the layer alone (default: network)")
-    add_option(parser, "--label", type=int, default=281,
-               help="target class of the network loss (default: 281, tabby cat)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_photo_options(parser, batch_size=4)
+    parser.add_argument("--layer", default=None,
+                        help="BN layer to re-implement (default: the first BN layer)")
+    parser.add_argument("--loss", default="network", choices=list(LOSSES),
+                        help="network: cross-entropy through the rest of the model; random: "
+                             "sum(y * r) on the layer alone (default: network)")
+    parser.add_argument("--label", type=int, default=281,
+                        help="target class of the network loss (default: 281, tabby cat)")
 
 
-def _kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = common_kwargs(args)
-    layer = getattr(args, "layer", None)
-    if isinstance(layer, list):
-        layer = layer[-1] if layer else None
-    if layer:
-        kwargs["layer"] = layer
-    for key in ("loss", "label"):
-        if getattr(args, key, None) is not None:
-            kwargs[key] = getattr(args, key)
-    return kwargs
+def kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {**photo_kwargs(args), "layer": args.layer or None, "loss": args.loss,
+            "label": args.label}
 
 
-def _controls(st: Any) -> dict[str, Any]:
-    kwargs = common_controls(st, "detach", batch_size=4)
-    cols = st.columns(3)
-    kwargs["layer"] = layer_control(cols[0], "detach", kwargs["model"], "BN layer")
-    kwargs["loss"] = cols[1].radio("Loss", list(LOSSES), index=0, horizontal=True,
-                                   key="detach_loss")
-    kwargs["label"] = int(cols[2].number_input("Target class (network loss)", min_value=0,
-                                               max_value=999, value=281, key="detach_label"))
-    return kwargs
-
-
-register(Experiment(
-    name="detach",
-    title=TITLE,
-    story="USER_STORIES.md 2: re-implemented BN with .detach()ed statistics does not learn",
-    explanation=EXPLANATION,
-    run=run,
-    add_arguments=_add_arguments,
-    kwargs_from_args=_kwargs_from_args,
-    figures=_figures,
-    controls=_controls,
-))
+CONTROLS = PageControls(
+    PhotoInputs(batch_size=4),
+    rows=((
+        Widget("layer", "BN layer", "layer"),
+        Widget("loss", "Loss", "radio", options=LOSSES),
+        Widget("label", "Target class (network loss)", "int", default=281, low=0, high=999),
+    ),),
+)

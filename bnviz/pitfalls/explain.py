@@ -1,33 +1,21 @@
 """Experiment 1: "Why doesn't my manual BatchNorm match the layer?"
 
-USER_STORIES.md section 1 (and 5): someone applies
+docs/stories.md sections 1 and 5: someone applies
 ``(x - running_mean) / sqrt(running_var + eps) * gamma + beta`` by hand to a conv output and
 gets a different curve than the BatchNorm layer, because the freshly built model was in
 train mode and the layer normalised with the statistics of the batch itself.
 
 The experiment runs a real network once (through :func:`bnviz.inspect`, on a private copy),
 takes the chosen layer's real input and native output, and evaluates the formulas people
-actually write, each in float64 from that same input:
-
-* ``batch``: batch mean and *biased* variance over (N, H, W) -- what train mode computes;
-* ``running``: the running statistics -- what eval mode computes;
-* ``batch_unbiased``: batch statistics with the unbiased variance (``x.var()``);
-* ``no_affine``: gamma/beta left out (with the statistics the layer really uses);
-* ``eps_outside``: ``sqrt(var) + eps`` instead of ``sqrt(var + eps)``;
-* ``per_sample``: statistics of each image alone (over H, W) instead of over the batch.
-
-Each candidate's error against the native output decides whether it *matches*
-(relative error ``max|candidate - native| / max|native|`` at most ``rtol``, 1e-5). A user's
-own output (an array, or a ``.npy``/``.csv`` file) is compared with every candidate the same
-way, which tells them which mistake they made.
+actually write (:mod:`bnviz.pitfalls.formulas`), each in float64 from that same input. Each
+candidate's error against the native output decides whether it *matches* (relative error
+at most ``rtol``, 1e-5). A user's own output (an array, or a ``.npy``/``.csv`` file,
+:mod:`bnviz.pitfalls.user_output`) is compared with every candidate the same way, which
+tells them which mistake they made.
 """
 
 from __future__ import annotations
 
-import io
-import math
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,247 +24,41 @@ import torch
 from ..errors import BnvizError, LayerError
 from ..models import DEFAULT_MODEL
 from ..modes import parse_mode, unknown_layer_error
-from .base import Experiment, PitfallResult, register
-from .cli import add_run_arguments, load_experiment_model, make_batch, model_controls, run_arguments
+from .base import PageControls, PitfallResult, StimulusInputs, Widget
+from .cli import add_stimulus_options, stimulus_kwargs
+from .common import load_experiment_model, make_batch
 from .figures import error_bars, line_curves
-
-__all__ = [
-    "CANDIDATES",
-    "MATCH_RTOL",
-    "Candidate",
-    "candidate_outputs",
-    "explain",
-    "load_user_output",
-    "relative_error",
-]
-
-#: A candidate matches when its relative error against the reference is at most this.
-MATCH_RTOL = 1e-5
-#: Refuse user files above this many values (a 20 MB upload holds at most ~5M float32).
-MAX_USER_VALUES = 20_000_000
-USER_EXTENSIONS = (".npy", ".csv", ".txt")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    key: str
-    label: str
-    formula: str
-    mistake: str  # what someone who computed this did, in their words
-    fix: str
-
-
-CANDIDATES: tuple[Candidate, ...] = (
-    Candidate(
-        "batch", "batch statistics, biased variance",
-        "(x - mean_NHW(x)) / sqrt(var_NHW(x, biased) + eps) * gamma + beta",
-        "normalised with the mean and biased variance of this batch",
-        "in eval mode the layer normalises with running_mean / running_var instead",
-    ),
-    Candidate(
-        "running", "running statistics",
-        "(x - running_mean) / sqrt(running_var + eps) * gamma + beta",
-        "normalised with the running statistics",
-        "in train mode the layer normalises with the batch's own mean and biased variance "
-        "(per channel over N, H, W); call model.eval() to make it use the running statistics",
-    ),
-    Candidate(
-        "batch_unbiased", "batch statistics, unbiased variance (x.var())",
-        "(x - mean_NHW(x)) / sqrt(var_NHW(x, unbiased) + eps) * gamma + beta",
-        "used the unbiased variance (torch.var's default)",
-        "BatchNorm normalises with the biased variance: x.var(dim=(0, 2, 3), unbiased=False); "
-        "the unbiased one only feeds the running_var update",
-    ),
-    Candidate(
-        "no_affine", "gamma/beta left out",
-        "(x - mean) / sqrt(var + eps)",
-        "left out the affine step",
-        "multiply by weight (gamma) and add bias (beta), per channel, after normalising",
-    ),
-    Candidate(
-        "eps_outside", "eps outside the square root",
-        "(x - mean) / (sqrt(var) + eps) * gamma + beta",
-        "added eps outside the square root",
-        "eps goes inside the square root: sqrt(var + eps)",
-    ),
-    Candidate(
-        "per_sample", "statistics per sample instead of over the batch",
-        "(x - mean_HW(x[n])) / sqrt(var_HW(x[n]) + eps) * gamma + beta",
-        "took the statistics of each image separately (that is InstanceNorm)",
-        "BatchNorm pools each channel's statistics over the whole batch (N, H, W)",
-    ),
+from .formulas import (
+    CANDIDATE_BY_KEY,
+    CANDIDATES,
+    MATCH_RTOL,
+    Candidate,
+    candidate_outputs,
+    relative_error,
 )
-_BY_KEY = {c.key: c for c in CANDIDATES}
+from .user_output import align_user, user_array
 
+__all__ = ["MODE_CHOICES", "figures", "run"]
 
-# --------------------------------------------------------------------------------------------
-# Pure computations
-# --------------------------------------------------------------------------------------------
-
-
-def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    return v.reshape((1, -1) + (1,) * (ndim - 2))
-
-
-def _normalise(x, mean, var, eps, weight, bias, *, eps_outside=False):
-    std = torch.sqrt(var) + eps if eps_outside else torch.sqrt(var + eps)
-    y = (x - mean) / std
-    if weight is not None:
-        y = y * _channel_view(weight, x.dim())
-    if bias is not None:
-        y = y + _channel_view(bias, x.dim())
-    return y
-
-
-def candidate_outputs(
-    x: torch.Tensor,
-    *,
-    stats_used: str,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-) -> dict[str, torch.Tensor | None]:
-    """Every candidate formula applied to the BN input ``x`` (N, C, ...), in float64.
-
-    ``stats_used`` ("batch" or "running") is what the layer really normalises with; the
-    ``no_affine`` and ``eps_outside`` candidates use those statistics so that each candidate
-    differs from the correct formula by exactly one mistake. A candidate that cannot be
-    computed (running statistics of a layer without buffers, per-sample statistics of a
-    (N, C) input) is ``None``.
-    """
-    x = x.detach().double()
-    dims = (0, *range(2, x.dim()))
-    count = x.numel() // x.shape[1]
-    w = None if weight is None else weight.detach().double()
-    b = None if bias is None else bias.detach().double()
-    mean = _channel_view(x.mean(dim=dims), x.dim())
-    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
-    var_unbiased = var * count / (count - 1) if count > 1 else None
-    has_running = running_mean is not None and running_var is not None
-    if has_running:
-        r_mean = _channel_view(running_mean.detach().double(), x.dim())
-        r_var = _channel_view(running_var.detach().double(), x.dim())
-    if stats_used == "running" and not has_running:
-        raise ValueError("stats_used='running' needs running_mean and running_var")
-    used_mean, used_var = (r_mean, r_var) if stats_used == "running" else (mean, var)
-
-    out: dict[str, torch.Tensor | None] = {
-        "batch": _normalise(x, mean, var, eps, w, b),
-        "running": _normalise(x, r_mean, r_var, eps, w, b) if has_running else None,
-        "batch_unbiased": None if var_unbiased is None
-        else _normalise(x, mean, var_unbiased, eps, w, b),
-        "no_affine": _normalise(x, used_mean, used_var, eps, None, None),
-        "eps_outside": _normalise(x, used_mean, used_var, eps, w, b, eps_outside=True),
-        "per_sample": None,
-    }
-    if x.dim() >= 3:
-        sdims = tuple(range(2, x.dim()))
-        s_mean = x.mean(dim=sdims, keepdim=True)
-        s_var = ((x - s_mean) ** 2).mean(dim=sdims, keepdim=True)
-        out["per_sample"] = _normalise(x, s_mean, s_var, eps, w, b)
-    return out
-
-
-def relative_error(a, ref) -> tuple[float, float]:
-    """``(max |a - ref|, max |a - ref| / max |ref|)`` in float64."""
-    a = torch.as_tensor(a).double()
-    ref = torch.as_tensor(ref).double()
-    max_abs = float((a - ref).abs().max()) if a.numel() else 0.0
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    return max_abs, rel
-
-
-# --------------------------------------------------------------------------------------------
-# The user's own output
-# --------------------------------------------------------------------------------------------
-
-
-def load_user_output(source: bytes | str | os.PathLike, filename: str | None = None
-                     ) -> np.ndarray:
-    """Read a user's BN output from ``.npy`` (np.save) or ``.csv``/``.txt`` (numbers
-    separated by commas or whitespace, one optional header line) as float64."""
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        filename = filename or os.path.basename(path)
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            raise BnvizError(f"Cannot read your output file {path!r}: {exc.strerror}.",
-                             "pass the path of a .npy or .csv file.") from exc
-    else:
-        data = bytes(source)
-    name = filename or "upload"
-    ext = os.path.splitext(name)[1].lower()
-    fix = ("save your output with np.save('out.npy', y) or np.savetxt('out.csv', y.reshape(-1, "
-           "y.shape[-1]), delimiter=',').")
-    if ext not in USER_EXTENSIONS:
-        raise BnvizError(f"Unsupported file type {ext or '(none)'!r} for {name!r}.",
-                         f"use .npy or .csv: {fix}")
-    if ext == ".npy":
-        try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise BnvizError(f"{name!r} is not a readable .npy array ({exc}).", fix) from exc
-    else:
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise BnvizError(f"{name!r} is not a text CSV file.", fix) from exc
-        arr = _parse_text_table(text, name, fix)
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiub":
-        raise BnvizError(f"{name!r} does not hold numbers (dtype {getattr(arr, 'dtype', '?')}).",
-                         fix)
-    if arr.size == 0:
-        raise BnvizError(f"{name!r} is empty.", fix)
-    if arr.size > MAX_USER_VALUES:
-        raise BnvizError(f"{name!r} holds {arr.size} values, more than {MAX_USER_VALUES}.",
-                         "save one image or one channel map instead of the whole batch.")
-    return arr.astype(np.float64)
-
-
-def _parse_text_table(text: str, name: str, fix: str) -> np.ndarray:
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not lines:
-        raise BnvizError(f"{name!r} is empty.", fix)
-    delimiter = "," if "," in lines[0] or (len(lines) > 1 and "," in lines[1]) else None
-    for skip in (0, 1):
-        try:
-            return np.loadtxt(io.StringIO("\n".join(lines[skip:])), delimiter=delimiter,
-                              ndmin=2, dtype=np.float64)
-        except ValueError as exc:
-            error = exc
-    raise BnvizError(f"{name!r} is not a table of numbers ({error}).", fix)
-
-
-def _align_user(user: np.ndarray, shape: tuple[int, ...], image: int, channel: int,
-                layer: str) -> tuple[tuple, str, tuple[int, ...]]:
-    """Which part of the layer output the user's array covers: (index, description, shape)."""
-    n = user.size
-    full = math.prod(shape)
-    if n == full:
-        return (), "the whole batch", shape
-    if n == math.prod(shape[1:]):
-        return (image,), f"image {image}", shape[1:]
-    if len(shape) >= 3 and n == math.prod(shape[2:]):
-        return (image, channel), f"image {image}, channel {channel}", shape[2:]
-    parts = f"the whole output {tuple(shape)}, one image {tuple(shape[1:])}"
-    if len(shape) >= 3:
-        parts += f" or one channel map {tuple(shape[2:])}"
-    raise BnvizError(
-        f"Your output has {n} values (shape {tuple(user.shape)}), which fits no part of "
-        f"layer {layer!r}'s output {tuple(shape)}.",
-        f"supply {parts}, computed from this run's layer input (same stimulus, batch size "
-        "and image size).",
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# The experiment
-# --------------------------------------------------------------------------------------------
+NAME = "explain"
+TITLE = "Why doesn't my manual BN match?"
+STORY = (
+    "A researcher feeds a uniform image to a pretrained network, takes the first conv output "
+    "and applies (x - running_mean) / sqrt(running_var + eps) * gamma + beta by hand. The "
+    "curve does not match the BatchNorm layer's output (docs/stories.md sections 1, 5)."
+)
+EXPLANATION = (
+    "A freshly built torchvision model is in **train mode**. In train mode BatchNorm "
+    "normalises each channel with the mean and the *biased* variance of the current "
+    "batch (over N, H and W), not with its running statistics; only after `model.eval()` "
+    "does it use `running_mean` and `running_var`.\n\n"
+    "Here the layer runs natively and every formula people write is applied to the very "
+    "same input. A formula *matches* when its largest error is below 1e-5 of the output's "
+    "largest value. The other classic slips -- `x.var()` (unbiased), forgetting gamma and "
+    "beta, eps outside the square root, per-image statistics -- each leave their own "
+    "fingerprint, so an output you computed yourself can be attributed to one of them."
+)
+MODE_CHOICES = ("train", "eval", "eval,track=none", "train,track=off")
 
 
 def _curve(t: torch.Tensor, channel: int) -> np.ndarray:
@@ -306,7 +88,7 @@ def _first_index(shape: tuple[int, ...], channel: int) -> tuple[int, ...]:
     return (0, channel) + (0,) * (len(shape) - 2) if len(shape) >= 2 else (0,)
 
 
-def explain(
+def run(
     model: Any = DEFAULT_MODEL,
     weights: Any = "auto",
     layer: str | None = None,
@@ -365,11 +147,11 @@ def explain(
 
     user = None
     if user_output is not None:
-        user = _user_array(user_output)
+        user = user_array(user_output)
         if not (isinstance(user_image, int) and 0 <= user_image < shape[0]):
             raise BnvizError(f"user_image {user_image!r} is out of range (batch of {shape[0]}).",
                              f"pick an image from 0 to {shape[0] - 1}.")
-        index, covers, part_shape = _align_user(user, shape, user_image, channel, layer)
+        index, covers, part_shape = align_user(user, shape, user_image, channel, layer)
         user_t = torch.from_numpy(user.reshape(part_shape))
 
     rows: list[dict[str, Any]] = []
@@ -446,8 +228,8 @@ def explain(
         if not np.isnan(user_curve).all():  # the curves show image 0
             arrays["user_curve"] = user_curve
     return PitfallResult(
-        name="explain",
-        title=EXPERIMENT.title,
+        name=NAME,
+        title=TITLE,
         verdict=verdict,
         reproduced=bool(reproduced),
         table=rows,
@@ -457,26 +239,6 @@ def explain(
         weights=weights_label,
         device=report.device,
     )
-
-
-def _user_array(user_output: Any) -> np.ndarray:
-    if isinstance(user_output, (str, os.PathLike)):
-        arr = load_user_output(user_output)
-    else:
-        if hasattr(user_output, "detach"):
-            user_output = user_output.detach().cpu().double().numpy()
-        try:
-            arr = np.asarray(user_output, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise BnvizError(f"Your output is not an array of numbers ({exc}).",
-                             "pass a numpy array, a tensor, or a .npy/.csv path.") from exc
-    if arr.size == 0:
-        raise BnvizError("Your output is empty.", "pass the BN output you computed.")
-    if not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
-        raise BnvizError(f"Your output contains {bad} NaN/inf values.",
-                         "check your formula (a zero variance without eps gives inf/NaN).")
-    return arr
 
 
 def _label(cand: Candidate, stats_used: str) -> str:
@@ -544,7 +306,7 @@ def _user_verdict(rows, by_key, explained, correct_key, covers, rtol) -> str:
                 f"({by_key[correct_key]['candidate']}).")
     if explained:
         row = by_key[explained[0]]
-        cand = _BY_KEY[explained[0]]
+        cand = CANDIDATE_BY_KEY[explained[0]]
         return (f"Your output ({covers}) is explained by {_quote(row)} (rel err "
                 f"{row['yours_rel_err']:.1e}): you {cand.mistake}. Fix: {cand.fix}.")
     best = min((r for r in rows if r.get("yours_rel_err") is not None),
@@ -555,7 +317,7 @@ def _user_verdict(rows, by_key, explained, correct_key, covers, rtol) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Figures, CLI, page
+# Figures and command line
 # --------------------------------------------------------------------------------------------
 
 
@@ -585,7 +347,7 @@ def figures(result: PitfallResult) -> list:
 
 
 def add_arguments(parser) -> None:
-    add_run_arguments(parser, model=DEFAULT_MODEL, stimulus="uniform")
+    add_stimulus_options(parser, model=DEFAULT_MODEL, stimulus="uniform")
     parser.add_argument("--mode", default="train",
                         help="mode of the layer: train | eval | eval,track=none ... "
                         "(default: train, the state of a freshly built model)")
@@ -597,47 +359,16 @@ def add_arguments(parser) -> None:
 
 
 def kwargs_from_args(args) -> dict:
-    return {**run_arguments(args), "mode": args.mode, "channel": args.channel,
+    return {**stimulus_kwargs(args), "mode": args.mode, "channel": args.channel,
             "user_output": args.user_output, "rtol": args.rtol}
 
 
-MODE_CHOICES = ("train", "eval", "eval,track=none", "train,track=off")
-
-
-def controls(st) -> dict:
-    kwargs = model_controls(st, "explain", model=DEFAULT_MODEL, stimulus="uniform")
-    cols = st.columns(2)
-    kwargs["mode"] = cols[0].selectbox(
-        "Layer mode", MODE_CHOICES, key="explain:mode",
-        help="train: what a freshly built torchvision model does; eval: after model.eval()",
-    )
-    kwargs["channel"] = int(cols[1].number_input("Channel for the curve", 0, 4095, 0,
-                                                 key="explain:channel"))
-    return kwargs
-
-
-EXPERIMENT = register(Experiment(
-    name="explain",
-    title="Why doesn't my manual BN match?",
-    story=(
-        "A researcher feeds a uniform image to a pretrained network, takes the first conv "
-        "output and applies (x - running_mean) / sqrt(running_var + eps) * gamma + beta by "
-        "hand. The curve does not match the BatchNorm layer's output (USER_STORIES.md 1, 5)."
-    ),
-    explanation=(
-        "A freshly built torchvision model is in **train mode**. In train mode BatchNorm "
-        "normalises each channel with the mean and the *biased* variance of the current "
-        "batch (over N, H and W), not with its running statistics; only after `model.eval()` "
-        "does it use `running_mean` and `running_var`.\n\n"
-        "Here the layer runs natively and every formula people write is applied to the very "
-        "same input. A formula *matches* when its largest error is below 1e-5 of the output's "
-        "largest value. The other classic slips -- `x.var()` (unbiased), forgetting gamma and "
-        "beta, eps outside the square root, per-image statistics -- each leave their own "
-        "fingerprint, so an output you computed yourself can be attributed to one of them."
-    ),
-    run=explain,
-    add_arguments=add_arguments,
-    kwargs_from_args=kwargs_from_args,
-    figures=figures,
-    controls=controls,
-))
+CONTROLS = PageControls(
+    StimulusInputs(model=DEFAULT_MODEL, stimulus="uniform"),
+    rows=((
+        Widget("mode", "Layer mode", "select", options=MODE_CHOICES,
+               help="train: what a freshly built torchvision model does; eval: after "
+                    "model.eval()"),
+        Widget("channel", "Channel for the curve", "int", default=0, low=0, high=4095),
+    ),),
+)

@@ -1,6 +1,6 @@
 """Experiment 6: in eval mode BatchNorm is an affine map that folds into the preceding conv.
 
-USER_STORIES.md section 4: at inference a BN layer uses fixed running statistics, so per
+docs/stories.md section 4: at inference a BN layer uses fixed running statistics, so per
 channel it computes ``y = scale * x + shift`` with ``scale = gamma / sqrt(running_var + eps)``
 and ``shift = beta - running_mean * scale``. A convolution followed by such a map is again
 a convolution (weights scaled per output channel, bias shifted), which is what
@@ -35,19 +35,29 @@ from ..errors import BnvizError, LayerError
 from ..inspection import logits_of
 from ..models import DEFAULT_MODEL, LoadedModel
 from ..modes import bn_layers, unknown_layer_error
-from .base import Experiment, PitfallResult, register
-from .mode_guard import (
-    DEFAULT_SIZE,
-    add_common_arguments,
-    add_option,
-    common_controls,
-    common_kwargs,
-    layer_control,
-    prepare,
-    train_forward_error,
-)
+from ..norms import is_norm_layer
+from .base import PageControls, PhotoInputs, PitfallResult, Widget
+from .cli import add_photo_options, photo_kwargs
+from .common import DEFAULT_SIZE, prepare_photo, replace_module, single_value_errors
 
-__all__ = ["FINDERS", "channel_scale", "find_conv_bn_pairs", "fold_conv_bn", "run"]
+__all__ = ["FINDERS", "channel_scale", "figures", "find_conv_bn_pairs", "fold_conv_bn", "run"]
+
+NAME = "fold"
+TITLE = "Folding BatchNorm into the convolution"
+STORY = "At inference BN folds into the preceding conv (docs/stories.md section 4)"
+EXPLANATION = """\
+In eval mode a BatchNorm layer uses its *running* statistics, which are fixed numbers. Per
+channel it then computes `scale * x + shift` with `scale = gamma / sqrt(running_var + eps)`
+and `shift = beta - running_mean * scale`: a plain affine map. A convolution followed by an
+affine map is again a convolution, with each output channel's weights multiplied by `scale`
+and its bias replaced by `bias * scale + shift`. That is what
+`torch.nn.utils.fusion.fuse_conv_bn_eval` builds, and what inference engines do to save time.
+
+bnviz folds every conv+BN pair of the model (each BN becomes `Identity`) and compares the
+result with the original network: in eval the differences are rounding-level. In train mode
+BN normalises with the mean and variance of the *current batch*, which change with every
+batch; no fixed weights can do that, and the folded network gives clearly different outputs.
+"""
 
 FINDERS = ("auto", "fx", "hooks")
 
@@ -58,7 +68,7 @@ FINDERS = ("auto", "fx", "hooks")
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    return (isinstance(conv, _ConvNd) and isinstance(bn, _BatchNorm)
+    return (isinstance(conv, _ConvNd) and is_norm_layer(bn)
             and bn.running_mean is not None and bn.running_var is not None
             and conv.out_channels == bn.num_features)
 
@@ -68,7 +78,8 @@ def _pairs_fx(module: nn.Module) -> list[tuple[str, str]]:
 
     class _LeafTracer(Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, _ConvNd | _BatchNorm) or super().is_leaf_module(m, qualname)
+            return (isinstance(m, _ConvNd) or is_norm_layer(m)
+                    or super().is_leaf_module(m, qualname))
 
     graph = _LeafTracer().trace(module)
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
@@ -137,7 +148,7 @@ def _pairs_hooks(module: nn.Module, example: torch.Tensor) -> list[tuple[str, st
     for name, m in net.named_modules():
         if isinstance(m, _ConvNd):
             handles.append(m.register_forward_hook(conv_hook(name)))
-        elif isinstance(m, _BatchNorm):
+        elif is_norm_layer(m):
             handles.append(m.register_forward_pre_hook(bn_pre(name)))
             handles.append(m.register_forward_hook(bn_post))
     try:
@@ -195,12 +206,6 @@ def fold_conv_bn(module: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
     return folded
 
 
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def channel_scale(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BN as ``y = scale * x + shift``.
 
@@ -229,13 +234,8 @@ def _forward(net: nn.Module, x: torch.Tensor, layer: str) -> tuple[torch.Tensor,
 
     handle = net.get_submodule(layer).register_forward_hook(hook)
     try:
-        with torch.no_grad():
+        with single_value_errors(), torch.no_grad():
             out = net(x)
-    except ValueError as exc:
-        err = train_forward_error(exc)
-        if err is None:
-            raise
-        raise err from exc
     finally:
         handle.remove()
     logits = logits_of(out)
@@ -270,7 +270,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, weights: Any = "auto",
     ``layer`` names the BN layer whose output and per-channel scale are shown (default:
     the first folded one).
     """
-    setup = prepare(model, weights, photo, batch_size, size, seed, device)
+    setup = prepare_photo(model, weights, photo, batch_size, size, seed, device)
     original = setup.private_module().eval()
     x = setup.x
     pairs, finder_used = find_conv_bn_pairs(original, x, finder)
@@ -349,7 +349,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, weights: Any = "auto",
               "channel_diff_eval": per_channel_eval.cpu(),
               "channel_diff_train": per_channel_train.cpu()}
     verdict = _verdict(setup.label, data, table, scale)
-    return PitfallResult(name="fold", title=TITLE, verdict=verdict, reproduced=reproduced,
+    return PitfallResult(name=NAME, title=TITLE, verdict=verdict, reproduced=reproduced,
                          table=table, data=data, arrays=arrays, **setup.result_fields())
 
 
@@ -374,24 +374,12 @@ def _verdict(label: str, data: dict, table: list[dict], scale: torch.Tensor) -> 
     return " ".join(parts)
 
 
-TITLE = "Folding BatchNorm into the convolution"
-
-EXPLANATION = """\
-In eval mode a BatchNorm layer uses its *running* statistics, which are fixed numbers. Per
-channel it then computes `scale * x + shift` with `scale = gamma / sqrt(running_var + eps)`
-and `shift = beta - running_mean * scale`: a plain affine map. A convolution followed by an
-affine map is again a convolution, with each output channel's weights multiplied by `scale`
-and its bias replaced by `bias * scale + shift`. That is what
-`torch.nn.utils.fusion.fuse_conv_bn_eval` builds, and what inference engines do to save time.
-
-bnviz folds every conv+BN pair of the model (each BN becomes `Identity`) and compares the
-result with the original network: in eval the differences are rounding-level. In train mode
-BN normalises with the mean and variance of the *current batch*, which change with every
-batch; no fixed weights can do that, and the folded network gives clearly different outputs.
-"""
+# --------------------------------------------------------------------------------------------
+# Figures, command line, page controls
+# --------------------------------------------------------------------------------------------
 
 
-def _figures(result: PitfallResult) -> list:
+def figures(result: PitfallResult) -> list:
     import plotly.graph_objects as go
 
     arrays = result.arrays
@@ -426,41 +414,20 @@ def _figures(result: PitfallResult) -> list:
     return [fig_summary, fig_scale, fig_diff]
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, batch_size=2)
-    add_option(parser, "--layer", default=None,
-               help="BN layer whose output and scale are shown (default: first folded)")
-    add_option(parser, "--finder", default="auto", choices=list(FINDERS),
-               help="how conv+BN pairs are found: fx trace, forward hooks, or auto")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_photo_options(parser, batch_size=2)
+    parser.add_argument("--layer", default=None,
+                        help="BN layer whose output and scale are shown (default: first "
+                             "folded)")
+    parser.add_argument("--finder", default="auto", choices=list(FINDERS),
+                        help="how conv+BN pairs are found: fx trace, forward hooks, or auto")
 
 
-def _kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = common_kwargs(args)
-    layer = getattr(args, "layer", None)
-    if isinstance(layer, list):  # another experiment's --layer may be repeatable
-        layer = layer[-1] if layer else None
-    if layer:
-        kwargs["layer"] = layer
-    if getattr(args, "finder", None):
-        kwargs["finder"] = args.finder
-    return kwargs
+def kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {**photo_kwargs(args), "layer": args.layer or None, "finder": args.finder}
 
 
-def _controls(st: Any) -> dict[str, Any]:
-    kwargs = common_controls(st, "fold", batch_size=2)
-    kwargs["layer"] = layer_control(st, "fold", kwargs["model"],
-                                    "BN layer whose output and scale are shown")
-    return kwargs
-
-
-register(Experiment(
-    name="fold",
-    title=TITLE,
-    story="USER_STORIES.md 4: at inference BN folds into the preceding conv",
-    explanation=EXPLANATION,
-    run=run,
-    add_arguments=_add_arguments,
-    kwargs_from_args=_kwargs_from_args,
-    figures=_figures,
-    controls=_controls,
-))
+CONTROLS = PageControls(
+    PhotoInputs(batch_size=2),
+    rows=((Widget("layer", "BN layer whose output and scale are shown", "layer"),),),
+)

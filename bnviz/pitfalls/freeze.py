@@ -1,6 +1,6 @@
 """Experiment 8: three ways to "freeze" BatchNorm, and what each one actually stops.
 
-USER_STORIES.md section 3 (follow-up): people say "freeze BN" and mean different things.
+docs/stories.md section 3 (follow-up): people say "freeze BN" and mean different things.
 
 * ``requires_grad=False`` on weight/bias stops the optimizer from changing gamma and beta, but
   the layer is still in train mode: it normalises with batch statistics and keeps updating
@@ -34,19 +34,31 @@ from ..errors import BnvizError
 from ..inspection import logits_of
 from ..models import DEFAULT_MODEL, LoadedModel
 from ..modes import bn_layers
-from .base import Experiment, PitfallResult, register
-from .fold import replace_module
-from .mode_guard import (
-    DEFAULT_SIZE,
-    add_common_arguments,
-    add_option,
-    common_controls,
-    common_kwargs,
-    prepare,
-    train_forward_error,
-)
+from .base import PageControls, PhotoInputs, PitfallResult, Widget
+from .cli import add_photo_options, photo_kwargs
+from .common import DEFAULT_SIZE, prepare_photo, replace_module, single_value_errors
 
-__all__ = ["VARIANTS", "StepReport", "configure", "one_step", "run", "without_affine"]
+__all__ = ["VARIANTS", "StepReport", "configure", "figures", "one_step", "run",
+           "without_affine"]
+
+NAME = "freeze"
+TITLE = "Freezing BN: requires_grad=False vs eval() vs affine=False"
+STORY = ("How to freeze BN - requires_grad, eval() or affine=False (docs/stories.md "
+         "section 3)")
+EXPLANATION = """\
+A BatchNorm layer has two kinds of state. Gamma and beta (weight and bias) are *parameters*:
+the optimizer changes them from their gradients. The running mean and variance are
+*buffers*: the layer itself overwrites them during every forward in train mode, no optimizer
+involved. Which statistics the output uses (batch or running) depends only on the mode.
+
+So `requires_grad=False` freezes gamma and beta but the layer keeps normalising with batch
+statistics and keeps updating its running statistics. `bn.eval()` switches to the running
+statistics and stops updating them, but gamma and beta still get gradients and change. Only
+both together freeze the layer completely. `affine=False` builds a layer with no gamma and
+beta at all. The table is measured, not written down: each row is a fresh copy of the model,
+one real SGD step, then parameters and buffers compared with their values before, and each
+layer's output compared with the BN formula using batch and running statistics.
+"""
 
 #: key -> (label, the code a user would write)
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -196,12 +208,8 @@ def one_step(net: nn.Module, x: torch.Tensor, label: int, lr: float) -> StepRepo
     optimizer = torch.optim.SGD(trainable, lr=lr)
     optimizer.zero_grad()
     try:
-        logits = logits_of(net(x))
-    except ValueError as exc:
-        err = train_forward_error(exc)
-        if err is None:
-            raise
-        raise err from exc
+        with single_value_errors():
+            logits = logits_of(net(x))
     finally:
         for h in handles:
             h.remove()
@@ -296,7 +304,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, weights: Any = "auto",
         if key not in VARIANTS:
             raise BnvizError(f"Unknown freeze variant {key!r}.",
                              f"choose from: {', '.join(VARIANTS)}.")
-    setup = prepare(model, weights, photo, batch_size, size, seed, device)
+    setup = prepare_photo(model, weights, photo, batch_size, size, seed, device)
     base = setup.private_module()
     reports = {key: one_step(configure(base, key), setup.x, int(label), lr) for key in keys}
     table = [_row(key, reports[key]) for key in keys]
@@ -322,7 +330,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, weights: Any = "auto",
     arrays = {"matrix": [[_flag(row[c]) for c in _MATRIX_COLUMNS] for row in table],
               "variants": [row["variant"] for row in table]}
     verdict = _verdict(setup.label, n_layers, lr, int(label), by, expected)
-    return PitfallResult(name="freeze", title=TITLE, verdict=verdict, reproduced=reproduced,
+    return PitfallResult(name=NAME, title=TITLE, verdict=verdict, reproduced=reproduced,
                          table=table, data=data, arrays=arrays, **setup.result_fields())
 
 
@@ -380,25 +388,12 @@ def _verdict(label: str, n_layers: int, lr: float, target: int, by: dict[str, di
     return " ".join(parts)
 
 
-TITLE = "Freezing BN: requires_grad=False vs eval() vs affine=False"
-
-EXPLANATION = """\
-A BatchNorm layer has two kinds of state. Gamma and beta (weight and bias) are *parameters*:
-the optimizer changes them from their gradients. The running mean and variance are
-*buffers*: the layer itself overwrites them during every forward in train mode, no optimizer
-involved. Which statistics the output uses (batch or running) depends only on the mode.
-
-So `requires_grad=False` freezes gamma and beta but the layer keeps normalising with batch
-statistics and keeps updating its running statistics. `bn.eval()` switches to the running
-statistics and stops updating them, but gamma and beta still get gradients and change. Only
-both together freeze the layer completely. `affine=False` builds a layer with no gamma and
-beta at all. The table is measured, not written down: each row is a fresh copy of the model,
-one real SGD step, then parameters and buffers compared with their values before, and each
-layer's output compared with the BN formula using batch and running statistics.
-"""
+# --------------------------------------------------------------------------------------------
+# Figures, command line, page controls
+# --------------------------------------------------------------------------------------------
 
 
-def _figures(result: PitfallResult) -> list:
+def figures(result: PitfallResult) -> list:
     import plotly.graph_objects as go
 
     rows = result.table
@@ -426,43 +421,25 @@ def _figures(result: PitfallResult) -> list:
     return [heat, bars]
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, batch_size=4)
-    add_option(parser, "--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
-    add_option(parser, "--label", type=int, default=281,
-               help="target class of the cross-entropy loss (default: 281, tabby cat)")
-    add_option(parser, "--variant", action="append", default=None, choices=list(VARIANTS),
-               help="only these variants (repeatable; default: all)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_photo_options(parser, batch_size=4)
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
+    parser.add_argument("--label", type=int, default=281,
+                        help="target class of the cross-entropy loss (default: 281, tabby cat)")
+    parser.add_argument("--variant", action="append", default=None, choices=list(VARIANTS),
+                        help="only these variants (repeatable; default: all)")
 
 
-def _kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = common_kwargs(args)
-    for key in ("lr", "label"):
-        if getattr(args, key, None) is not None:
-            kwargs[key] = getattr(args, key)
-    if getattr(args, "variant", None):
-        kwargs["variants"] = args.variant
-    return kwargs
+def kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {**photo_kwargs(args), "lr": args.lr, "label": args.label,
+            "variants": args.variant or None}
 
 
-def _controls(st: Any) -> dict[str, Any]:
-    kwargs = common_controls(st, "freeze", batch_size=4)
-    cols = st.columns(2)
-    kwargs["lr"] = float(cols[0].number_input("Learning rate", min_value=0.0001, max_value=10.0,
-                                              value=0.1, format="%.4f", key="freeze_lr"))
-    kwargs["label"] = int(cols[1].number_input("Target class", min_value=0, max_value=999,
-                                               value=281, key="freeze_label"))
-    return kwargs
-
-
-register(Experiment(
-    name="freeze",
-    title=TITLE,
-    story="USER_STORIES.md 3: how to freeze BN - requires_grad, eval() or affine=False",
-    explanation=EXPLANATION,
-    run=run,
-    add_arguments=_add_arguments,
-    kwargs_from_args=_kwargs_from_args,
-    figures=_figures,
-    controls=_controls,
-))
+CONTROLS = PageControls(
+    PhotoInputs(batch_size=4),
+    rows=((
+        Widget("lr", "Learning rate", "float", default=0.1, low=0.0001, high=10.0,
+               format="%.4f"),
+        Widget("label", "Target class", "int", default=281, low=0, high=999),
+    ),),
+)

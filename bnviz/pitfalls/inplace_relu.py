@@ -1,6 +1,6 @@
 """Experiment 2: forward hooks and in-place ReLU.
 
-USER_STORIES.md section 1: a forward hook on a BatchNorm layer stored ``output`` (a
+docs/stories.md section 1: a forward hook on a BatchNorm layer stored ``output`` (a
 reference). The next operation, ``ReLU(inplace=True)``, overwrote that very tensor, so at
 the end of the forward the stored "BN output" had every negative value replaced by 0.
 ``output.clone()`` in the hook, or a forward *pre*-hook on the ReLU module, captures the
@@ -27,15 +27,35 @@ from torch import nn
 from ..devices import resolve_device
 from ..errors import LayerError
 from ..modes import bn_layers, unknown_layer_error
-from .base import Experiment, PitfallResult, register
-from .cli import add_run_arguments, load_experiment_model, make_batch, model_controls, run_arguments
+from .base import PageControls, PitfallResult, StimulusInputs
+from .cli import add_stimulus_options, stimulus_kwargs
+from .common import load_experiment_model, make_batch
 from .figures import grouped_bars, heatmaps
 
-__all__ = ["ACTIVATION_MODULES", "inplace_relu"]
+__all__ = ["ACTIVATION_MODULES", "figures", "run"]
+
+NAME = "inplace-relu"
+TITLE = "Hooks and in-place ReLU"
+STORY = (
+    "A forward hook on GoogLeNet's first BatchNorm stored the layer's output, and its values "
+    "disagreed with the same layer computed by hand: every negative value had become 0 "
+    "(docs/stories.md section 1)."
+)
+EXPLANATION = (
+    "A forward hook receives the output tensor *itself*. If it stores that reference, "
+    "whatever later modifies the tensor in place modifies the stored value too. In "
+    "ResNet (`nn.ReLU(inplace=True)`) and GoogLeNet (`F.relu(x, inplace=True)`) the very "
+    "next operation is an in-place ReLU, so by the end of the forward the stored \"BN "
+    "output\" is the ReLU output: exactly the negative values were replaced by 0.\n\n"
+    "Take `output.clone()` inside the hook, or register a forward *pre*-hook on the ReLU "
+    "module (it sees the value before the ReLU runs). When the ReLU is functional "
+    "(GoogLeNet), there is no module to pre-hook: clone."
+)
 
 #: Module types that count as "the activation following a BN layer".
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.Hardswish,
                       nn.ELU, nn.GELU, nn.Mish, nn.SELU, nn.CELU, nn.PReLU, nn.RReLU)
+#: The models the page offers (with and without in-place activations).
 MODELS = ("resnet18", "googlenet", "resnet50", "densenet121", "mobilenet_v2", "vgg11_bn",
           "efficientnet_lite0")
 
@@ -59,7 +79,7 @@ def _stats_row(method: str, captured: torch.Tensor | None, true: torch.Tensor,
     }
 
 
-def inplace_relu(
+def run(
     model: Any = "resnet18",
     weights: Any = "auto",
     layer: str | None = None,
@@ -177,8 +197,8 @@ def inplace_relu(
                        parent_type, float((reference.double() - relu_of_true.double())
                                           .abs().max()))
     return PitfallResult(
-        name="inplace-relu",
-        title=EXPERIMENT.title,
+        name=NAME,
+        title=TITLE,
         verdict=verdict,
         reproduced=reproduced,
         table=rows,
@@ -264,41 +284,14 @@ def figures(result: PitfallResult) -> list:
 
 
 def add_arguments(parser) -> None:
-    add_run_arguments(parser, model="resnet18", stimulus="image:chelsea")
+    add_stimulus_options(parser, model="resnet18", stimulus="image:chelsea")
     parser.add_argument("--channel", type=int, default=None,
                         help="channel shown in the maps (default: the most mixed one)")
 
 
 def kwargs_from_args(args) -> dict:
-    return {**run_arguments(args), "channel": args.channel}
+    return {**stimulus_kwargs(args), "channel": args.channel}
 
 
-def controls(st) -> dict:
-    return model_controls(st, "inplace-relu", model="resnet18", models=list(MODELS),
-                          stimulus="image:chelsea")
-
-
-EXPERIMENT = register(Experiment(
-    name="inplace-relu",
-    title="Hooks and in-place ReLU",
-    story=(
-        "A forward hook on GoogLeNet's first BatchNorm stored the layer's output, and its "
-        "values disagreed with the same layer computed by hand: every negative value had "
-        "become 0 (USER_STORIES.md 1)."
-    ),
-    explanation=(
-        "A forward hook receives the output tensor *itself*. If it stores that reference, "
-        "whatever later modifies the tensor in place modifies the stored value too. In "
-        "ResNet (`nn.ReLU(inplace=True)`) and GoogLeNet (`F.relu(x, inplace=True)`) the very "
-        "next operation is an in-place ReLU, so by the end of the forward the stored \"BN "
-        "output\" is the ReLU output: exactly the negative values were replaced by 0.\n\n"
-        "Take `output.clone()` inside the hook, or register a forward *pre*-hook on the ReLU "
-        "module (it sees the value before the ReLU runs). When the ReLU is functional "
-        "(GoogLeNet), there is no module to pre-hook: clone."
-    ),
-    run=inplace_relu,
-    add_arguments=add_arguments,
-    kwargs_from_args=kwargs_from_args,
-    figures=figures,
-    controls=controls,
-))
+CONTROLS = PageControls(StimulusInputs(model="resnet18", stimulus="image:chelsea",
+                                       models=MODELS))

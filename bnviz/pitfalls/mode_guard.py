@@ -1,6 +1,6 @@
 """Experiment 5: per-layer BN modes silently lost, and a guard that keeps them.
 
-USER_STORIES.md section 4: a user set only ``net.bn.eval()`` (to freeze one layer of a model
+docs/stories.md section 4: a user set only ``net.bn.eval()`` (to freeze one layer of a model
 that is otherwise training) and then called ``torch.onnx.export(net, ...)``. The exporter
 switches the whole model to eval and back with ``net.train(originally_training)`` - the
 *top-level* flag - and ``train()`` recurses, so the frozen layer silently returned to
@@ -20,10 +20,6 @@ and runs the file with onnxruntime against PyTorch's eval, train and as-configur
 The table and the next forward follow the legacy exporter (``dynamo=False``), the one with
 the mode round trip. Should no exporter run (``onnx`` missing, say), the experiment
 performs that round trip, ``net.train(net.training)``, itself and says so in the result.
-
-The second half of the module is the small shared plumbing of experiments 5-8 (loading a
-model with an honest random-init fallback, a real photo batch, CLI options and page
-controls), kept here so that each experiment module stays about its own pitfall.
 """
 
 from __future__ import annotations
@@ -31,30 +27,54 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ..devices import available_devices, resolve_device
-from ..errors import BnvizError, LayerError
-from ..models import DEFAULT_MODEL, LoadedModel, list_models, load_model
+from ..errors import BnvizError
+from ..models import DEFAULT_MODEL, LoadedModel
 from ..modes import bn_layers, stats_used, unknown_layer_error
-from ..stimuli import PHOTOS, make_stimulus
 from . import onnx_export
-from .base import Experiment, PitfallResult, register
+from .base import PageControls, PhotoInputs, PitfallResult, Widget
+from .cli import add_photo_options, photo_kwargs
+from .common import DEFAULT_SIZE, prepare_photo, single_value_errors
 
 __all__ = [
     "ModeRow",
     "audit_modes",
+    "figures",
     "preserve_modes",
     "round_trip",
-    "try_onnx_export",
     "run",
+    "try_onnx_export",
 ]
+
+NAME = "mode-guard"
+TITLE = "Per-layer modes lost by export, and a guard"
+STORY = "net.bn.eval(), then torch.onnx.export(net, ...) (docs/stories.md section 4)"
+EXPLANATION = """\
+`model.train()` and `model.eval()` recurse: they set *every* submodule to the same mode.
+So if you freeze one BatchNorm layer with `net.bn.eval()` while the rest of the model
+trains, any later recursive call undoes it. `torch.onnx.export` makes such a call: it
+switches the model to eval for tracing and then restores only the *top-level* flag with
+`net.train(originally_training)`, which pushes "train" back into your frozen layer.
+
+The table shows each frozen layer before and after the operation, and what the very next
+forward did to its running statistics: back in train mode, the layer normalises with batch
+statistics and overwrites its running mean and variance. `audit_modes(net)` lists the BN
+layers whose mode differs from the model's (the ones at risk); wrapping the operation in
+`with preserve_modes(net):` snapshots every module's flag and writes it back afterwards,
+even if the operation raises.
+
+The export is real, with both exporters (`dynamo=False`, the legacy one, and
+`dynamo=True`): the page lists the `net.train` calls each made, which layers' flags it
+changed, what its ONNX graph holds for each frozen layer (a `BatchNormalization` node and
+its `training_mode`, or nothing because the layer was folded into the convolution), and the
+exported file run with onnxruntime against PyTorch on the same input, with BatchNorm in
+eval, in train, and as configured.
+"""
 
 # ============================================================================================
 # Public helpers: audit and guard
@@ -119,194 +139,6 @@ def try_onnx_export(model: nn.Module, x: torch.Tensor, dynamo: bool = False) -> 
 
 
 # ============================================================================================
-# Shared plumbing of experiments 5-8
-# ============================================================================================
-
-MIN_SIZE = 32
-MAX_SIZE = 512
-MAX_BATCH = 64
-#: Small images keep every run quick on a laptop CPU; none of the effects shown depends on
-#: the image size (``size=224`` gives the models' native size).
-DEFAULT_SIZE = 112
-SIZE_CHOICES = (64, 96, 112, 160, 224)
-WEIGHTS_CHOICES = ("auto", "random")
-_RANDOM_WORDS = ("random", "none", "random init", "random_init")
-
-
-@dataclass
-class Setup:
-    """A loaded model, its device and a real photo batch (raw and preprocessed)."""
-
-    loaded: LoadedModel
-    device: torch.device
-    raw: torch.Tensor  # (N, 3, S, S) in [0, 1], CPU
-    x: torch.Tensor  # preprocessed, on ``device``
-    owned: bool  # True when this experiment loaded the model itself
-    weights_note: str | None
-    stimulus: str
-
-    @property
-    def label(self) -> str:
-        """The model name, with "(random init)" spelled out when that is what it is."""
-        name = self.loaded.name
-        return f"{name} (random init)" if self.loaded.is_random_init else name
-
-    def private_module(self) -> nn.Module:
-        """A module this experiment may modify: never the caller's own object."""
-        module = self.loaded.module if self.owned else copy.deepcopy(self.loaded.module)
-        return module.to(self.device)
-
-    def result_fields(self) -> dict[str, Any]:
-        return {"model": self.loaded.name, "weights": self.loaded.weights,
-                "device": str(self.device)}
-
-    def data_fields(self) -> dict[str, Any]:
-        data = {"stimulus": self.stimulus, "input_shape": list(self.raw.shape),
-                "weights_status": self.loaded.weights_status}
-        if self.weights_note:
-            data["weights_note"] = self.weights_note
-        return data
-
-
-def load_with_fallback(model: str | LoadedModel, weights: Any = "auto", seed: int = 0
-                       ) -> tuple[LoadedModel, bool, str | None]:
-    """``(loaded, owned, note)``; offline torchvision weights fall back to random init.
-
-    ``weights``: "auto"/"pretrained" (pretrained, else random init), "random"/None, or a
-    checkpoint path. The fallback is never silent: ``note`` says why, and the model's
-    ``weights`` label reads "random init" wherever the result is shown. Loading goes through
-    :func:`bnviz.pitfalls.cli.load_experiment_model`, the one loader every experiment
-    shares: models are cached per process, random init is seeded (the same network in
-    every run) and the module handed back is always a private copy (``owned``). ``seed``
-    is kept for API compatibility; it seeds the stimulus, not the network.
-    """
-    from .cli import load_experiment_model
-
-    wanted = "auto" if isinstance(weights, str) and weights.strip().lower() in (
-        "auto", "pretrained", "default") else weights
-    loaded = load_experiment_model(model, wanted)
-    note = None
-    if wanted == "auto" and loaded.is_random_init and not isinstance(model, LoadedModel):
-        note = (f"pretrained weights for {loaded.name} are not available here (not bundled, "
-                "cached or downloadable); using random init")
-    return loaded, True, note
-
-
-def check_int(what: str, value: Any, lo: int, hi: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number != value or not lo <= number <= hi:
-        raise BnvizError(f"{what} must be an integer from {lo} to {hi}, got {value!r}.",
-                         f"pass a {what} between {lo} and {hi}.")
-    return number
-
-
-def prepare(model: str | LoadedModel = DEFAULT_MODEL, weights: Any = "auto",
-            photo: str = "chelsea", batch_size: int = 4, size: int | None = DEFAULT_SIZE,
-            seed: int = 0, device: str = "auto") -> Setup:
-    """Load the model (with fallback), pick the device, and build a jittered photo batch.
-
-    ``size=None`` means the model's own input size.
-    """
-    dev = resolve_device(device)
-    batch_size = check_int("batch size", batch_size, 1, MAX_BATCH)
-    loaded, owned, note = load_with_fallback(model, weights, seed)
-    if not bn_layers(loaded.module):
-        raise LayerError(f"{loaded.name} has no BatchNorm layers, so there is nothing to show.",
-                         "choose a model with BatchNorm, e.g. efficientnet_lite0 or resnet18.")
-    size = loaded.preprocess.input_size if size is None else check_int(
-        "image size", size, MIN_SIZE, MAX_SIZE)
-    raw = make_stimulus("image", size=size, batch_size=batch_size, composition="jitter",
-                        seed=seed, name=photo)
-    x = loaded.preprocess(raw).to(dev)
-    stimulus = f"photo {photo!r}, {batch_size} jittered copies, {size}x{size} px"
-    return Setup(loaded, dev, raw, x, owned, note, stimulus)
-
-
-def bn_models() -> list[str]:
-    """Registry models that have BatchNorm layers (AlexNet has none)."""
-    return [m for m in list_models() if m != "alexnet"]
-
-
-def train_forward_error(exc: ValueError) -> BnvizError | None:
-    """PyTorch's "Expected more than 1 value per channel" as a fix-it message."""
-    if "more than 1 value per channel" not in str(exc):
-        return None
-    return BnvizError(
-        "A BatchNorm layer in train mode got only one value per channel (batch of 1 and a "
-        "1x1 feature map), so its batch variance is undefined.",
-        "use a batch size of at least 2 or a larger image size.",
-    )
-
-
-def add_option(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
-    """Add an option unless the shared pitfalls CLI already defines one of its flags."""
-    existing = getattr(parser, "_option_string_actions", {})
-    if any(flag in existing for flag in flags):
-        return
-    parser.add_argument(*flags, **kwargs)
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
-    add_option(parser, "--model", default=DEFAULT_MODEL,
-               help=f"model name (default: {DEFAULT_MODEL}); see 'bnviz models'")
-    add_option(parser, "--weights", default="auto",
-               help="auto | pretrained (both fall back to random init, labelled so, when "
-                    "the weights cannot be had) | random | PATH (default: auto)")
-    add_option(parser, "--photo", default="chelsea", choices=list(PHOTOS),
-               help="bundled photo for the batch (default: chelsea)")
-    add_option(parser, "--batch-size", type=int, default=batch_size,
-               help=f"images in the batch, jittered copies of the photo (default: {batch_size})")
-    add_option(parser, "--size", type=int, default=DEFAULT_SIZE,
-               help=f"image size in px (default: {DEFAULT_SIZE}; 224 is the models' own)")
-    add_option(parser, "--seed", type=int, default=0, help="jitter seed (default: 0)")
-    add_option(parser, "--device", default="auto", help="auto | cpu | cuda (default: auto)")
-
-
-def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("model", "weights", "photo", "batch_size", "size", "seed", "device")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-
-
-@functools.lru_cache(maxsize=16)
-def bn_names(model: str) -> tuple[str, ...]:
-    """BN layer names of ``model``'s architecture (built without weights: names only)."""
-    return tuple(n for n, _ in bn_layers(load_model(model, weights=None).module))
-
-
-def layer_control(st: Any, key: str, model: str, label: str, *, multi: bool = False
-                  ) -> list[str] | str:
-    """A selectbox (or multiselect) of the model's BN layers; default: the first."""
-    names = list(bn_names(model))
-    if multi:
-        return st.multiselect(label, names, default=names[:1], key=f"{key}_layers_{model}")
-    return st.selectbox(label, names, index=0, key=f"{key}_layer_{model}")
-
-
-def common_controls(st: Any, key: str, *, batch_size: int) -> dict[str, Any]:
-    """The model/weights/photo/batch/size/device widgets of experiments 5-8."""
-    cols = st.columns(3)
-    models = bn_models()
-    model = cols[0].selectbox("Model", models, index=0, key=f"{key}_model")
-    weights = cols[1].selectbox(
-        "Weights", list(WEIGHTS_CHOICES), index=0, key=f"{key}_weights",
-        help="auto: pretrained when available (efficientnet_lite0 is bundled), else random "
-             "init, labelled as such")
-    photo = cols[2].selectbox("Photo", list(PHOTOS), index=0, key=f"{key}_photo")
-    cols = st.columns(3)
-    batch = cols[0].number_input("Batch size", min_value=1, max_value=16, value=batch_size,
-                                 step=1, key=f"{key}_batch")
-    size = cols[1].select_slider("Image size (px)", list(SIZE_CHOICES), value=DEFAULT_SIZE,
-                                 key=f"{key}_size")
-    devices = ["auto", *available_devices()]
-    device = cols[2].selectbox("Device", devices, index=0, key=f"{key}_device")
-    return {"model": model, "weights": weights, "photo": photo, "batch_size": int(batch),
-            "size": int(size), "device": device}
-
-
-# ============================================================================================
 # The experiment
 # ============================================================================================
 
@@ -353,14 +185,8 @@ def _configure(base: nn.Module, layers: list[str]) -> nn.Module:
 def _next_forward(net: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[str, dict]:
     """One forward of the (train-mode) model; running-stat change of each named layer."""
     before = {n: _bn_state(net.get_submodule(n)) for n in layers}
-    try:
-        with torch.no_grad():
-            net(x)
-    except ValueError as exc:
-        err = train_forward_error(exc)
-        if err is None:
-            raise
-        raise err from exc
+    with single_value_errors(), torch.no_grad():
+        net(x)
     return {n: _changes(before[n], net.get_submodule(n)) for n in layers}
 
 
@@ -390,7 +216,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, weights: Any = "auto",
     """
     if method not in METHODS:
         raise BnvizError(f"Unknown method {method!r}.", f"choose one of: {', '.join(METHODS)}.")
-    setup = prepare(model, weights, photo, batch_size, size, seed, device)
+    setup = prepare_photo(model, weights, photo, batch_size, size, seed, device)
     base = setup.private_module()
     names = [n for n, _ in bn_layers(base)]
     frozen = _resolve_layers(layers, names)
@@ -458,7 +284,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, weights: Any = "auto",
     verdict = _verdict(setup.label, frozen, op, audit_before, audit_after, lost, moved,
                        change, kept, still)
     verdict = " ".join([verdict, *(_exporter_sentence(e, frozen) for e in exporters)])
-    return PitfallResult(name="mode-guard", title=TITLE, verdict=verdict, reproduced=reproduced,
+    return PitfallResult(name=NAME, title=TITLE, verdict=verdict, reproduced=reproduced,
                          table=table, data=data, **setup.result_fields())
 
 
@@ -577,32 +403,12 @@ def _verdict(label, frozen, op, audit_before, audit_after, lost, moved, change, 
     return " ".join(parts)
 
 
-TITLE = "Per-layer modes lost by export, and a guard"
-
-EXPLANATION = """\
-`model.train()` and `model.eval()` recurse: they set *every* submodule to the same mode.
-So if you freeze one BatchNorm layer with `net.bn.eval()` while the rest of the model
-trains, any later recursive call undoes it. `torch.onnx.export` makes such a call: it
-switches the model to eval for tracing and then restores only the *top-level* flag with
-`net.train(originally_training)`, which pushes "train" back into your frozen layer.
-
-The table shows each frozen layer before and after the operation, and what the very next
-forward did to its running statistics: back in train mode, the layer normalises with batch
-statistics and overwrites its running mean and variance. `audit_modes(net)` lists the BN
-layers whose mode differs from the model's (the ones at risk); wrapping the operation in
-`with preserve_modes(net):` snapshots every module's flag and writes it back afterwards,
-even if the operation raises.
-
-The export is real, with both exporters (`dynamo=False`, the legacy one, and
-`dynamo=True`): the page lists the `net.train` calls each made, which layers' flags it
-changed, what its ONNX graph holds for each frozen layer (a `BatchNormalization` node and
-its `training_mode`, or nothing because the layer was folded into the convolution), and the
-exported file run with onnxruntime against PyTorch on the same input, with BatchNorm in
-eval, in train, and as configured.
-"""
+# ============================================================================================
+# Figures, command line, page controls
+# ============================================================================================
 
 
-def _figures(result: PitfallResult) -> list:
+def figures(result: PitfallResult) -> list:
     import plotly.graph_objects as go
 
     rows = result.table
@@ -651,45 +457,26 @@ def _exporter_figures(exporters: list[dict]) -> list:
     return [fig]
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, batch_size=2)
-    add_option(parser, "--layer", action="append", default=None, metavar="NAME",
-               help="BN layer to set to eval (repeatable; default: the first BN layer)")
-    add_option(parser, "--method", default="auto", choices=list(METHODS),
-               help="export: torch.onnx.export; round-trip: net.train(net.training); "
-                    "auto: export, or the round trip when no exporter runs here")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_photo_options(parser, batch_size=2)
+    parser.add_argument("--layer", action="append", default=None, metavar="NAME",
+                        help="BN layer to set to eval (repeatable; default: the first BN "
+                             "layer)")
+    parser.add_argument("--method", default="auto", choices=list(METHODS),
+                        help="export: torch.onnx.export; round-trip: net.train(net.training); "
+                             "auto: export, or the round trip when no exporter runs here")
 
 
-def _kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = common_kwargs(args)
-    if getattr(args, "layer", None):
-        kwargs["layers"] = args.layer
-    if getattr(args, "method", None):
-        kwargs["method"] = args.method
-    return kwargs
+def kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {**photo_kwargs(args), "layers": args.layer or None, "method": args.method}
 
 
-def _controls(st: Any) -> dict[str, Any]:
-    kwargs = common_controls(st, "mode_guard", batch_size=2)
-    layers = layer_control(st, "mode_guard", kwargs["model"], "BN layers set to eval while "
-                           "the model trains", multi=True)
-    kwargs["method"] = st.radio("Operation", list(METHODS), index=0, horizontal=True,
-                                key="mode_guard_method",
-                                help="export: torch.onnx.export; round-trip: "
-                                     "net.train(net.training); auto: the export when it runs")
-    if layers:
-        kwargs["layers"] = list(layers)
-    return kwargs
-
-
-register(Experiment(
-    name="mode-guard",
-    title=TITLE,
-    story="USER_STORIES.md 4: net.bn.eval(), then torch.onnx.export(net, ...)",
-    explanation=EXPLANATION,
-    run=run,
-    add_arguments=_add_arguments,
-    kwargs_from_args=_kwargs_from_args,
-    figures=_figures,
-    controls=_controls,
-))
+CONTROLS = PageControls(
+    PhotoInputs(batch_size=2),
+    rows=(
+        (Widget("layers", "BN layers set to eval while the model trains", "layers"),),
+        (Widget("method", "Operation", "radio", options=METHODS,
+                help="export: torch.onnx.export; round-trip: net.train(net.training); auto: "
+                     "the export when it runs"),),
+    ),
+)

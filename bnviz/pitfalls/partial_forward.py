@@ -1,6 +1,6 @@
 """Experiment 3: running only part of a network.
 
-USER_STORIES.md section 1: to get an intermediate output without running all of GoogLeNet,
+docs/stories.md section 1: to get an intermediate output without running all of GoogLeNet,
 someone built ``nn.Sequential(model.conv1.conv)`` and got different numbers than a forward
 hook on the full model. A network's ``forward`` is code, not just its list of children:
 GoogLeNet with ``transform_input=True`` re-normalises the input inside ``forward`` (a
@@ -37,11 +37,32 @@ from torch import nn
 
 from ..devices import resolve_device
 from ..errors import BnvizError, LayerError
-from .base import Experiment, PitfallResult, register
-from .cli import add_run_arguments, load_experiment_model, make_batch, model_controls, run_arguments
+from ..validation import is_random_weights
+from .base import PageControls, PitfallResult, StimulusInputs, Widget
+from .cli import add_stimulus_options, stimulus_kwargs
+from .common import load_experiment_model, make_batch
 from .figures import grouped_bars, heatmaps
 
-__all__ = ["AGREE_RTOL", "METHODS", "default_layer", "partial_forward"]
+__all__ = ["AGREE_RTOL", "METHODS", "default_layer", "figures", "run"]
+
+NAME = "partial-forward"
+TITLE = "Running part of a network"
+STORY = (
+    "To get an intermediate output without running all of GoogLeNet, a researcher built "
+    "nn.Sequential(model.conv1.conv); its output differed from a forward hook on the full "
+    "model (0.436 vs 1.275 for the first unit) (docs/stories.md section 1)."
+)
+EXPLANATION = (
+    "A model is not just its list of children: `forward` is code and may do things "
+    "between them. Pretrained GoogLeNet has `transform_input=True` and re-normalises the "
+    "input inside `forward`; ResNet flattens between `avgpool` and `fc`. "
+    "`nn.Sequential(*model.children())` skips that code, so it gets a different input "
+    "(GoogLeNet) or crashes (ResNet's fc).\n\n"
+    "What works: a forward hook on the full model (remember `.clone()`), torchvision's "
+    "`create_feature_extractor` (it traces `forward`, functional code included), or an "
+    "early exit -- a hook that raises once the layer has run, so the rest of the network "
+    "never executes, which saves most of the time for early layers."
+)
 
 #: Two ways of computing the same layer output agree when max|diff| / max|reference| <= this.
 AGREE_RTOL = 1e-6
@@ -132,8 +153,7 @@ class _ChildInputs:
 def _capture_full(module, x, layer, children):
     target = module.get_submodule(layer)
     box: dict[str, torch.Tensor] = {}
-    handle = target.register_forward_hook(
-        _keep_output(box))
+    handle = target.register_forward_hook(_keep_output(box))
     try:
         with torch.no_grad(), _ChildInputs(children) as rec:
             module(x)
@@ -144,8 +164,7 @@ def _capture_full(module, x, layer, children):
 
 def _time_full(module, x, layer, repeats, dev) -> float:
     target = module.get_submodule(layer)
-    handle = target.register_forward_hook(
-        _keep_output({}))
+    handle = target.register_forward_hook(_keep_output({}))
     times = []
     try:
         with torch.no_grad():
@@ -194,8 +213,7 @@ def _sequential(module, x, layer, children):
     seq = nn.Sequential(OrderedDict(children[: names.index(top) + 1]))
     target = seq.get_submodule(layer)
     box: dict[str, torch.Tensor] = {}
-    handle = target.register_forward_hook(
-        _keep_output(box))
+    handle = target.register_forward_hook(_keep_output(box))
     error = None
     t0 = time.perf_counter()
     try:
@@ -311,7 +329,7 @@ def _case(label, module, x, layer, dev, repeats) -> dict[str, Any]:
             "model_type": type(module).__name__}
 
 
-def partial_forward(
+def run(
     model: Any = "googlenet",
     weights: Any = "auto",
     layer: str | None = None,
@@ -356,8 +374,7 @@ def partial_forward(
         cases.append(_case(_case_label(loaded.name, flipped), flipped, x, layer, dev, 1))
     flatten_model = None
     if flatten_case and not (loaded.name == FLATTEN_MODEL and layer == FLATTEN_LAYER):
-        random_words = (None, "random", "none")
-        fw = "random" if weights in random_words else "auto"
+        fw = "random" if is_random_weights(weights) else "auto"
         flatten_model = load_experiment_model(FLATTEN_MODEL, fw)
         fmod = flatten_model.module.to(dev).eval()
         _, fx = make_batch(flatten_model, stimulus, batch_size=batch_size, size=size,
@@ -377,8 +394,8 @@ def partial_forward(
         arrays["maps"] = {METHODS["a"]: main["ref"][0, 0].cpu().double().numpy(),
                           METHODS["b"]: main["seq"][0, 0].cpu().double().numpy()}
     return PitfallResult(
-        name="partial-forward",
-        title=EXPERIMENT.title,
+        name=NAME,
+        title=TITLE,
         verdict=verdict,
         reproduced=reproduced,
         table=rows,
@@ -499,8 +516,8 @@ def figures(result: PitfallResult) -> list:
 
 
 def add_arguments(parser) -> None:
-    add_run_arguments(parser, model="googlenet", stimulus="image:chelsea",
-                      layer_help="module name (default: the first conv, e.g. conv1.conv)")
+    add_stimulus_options(parser, model="googlenet", stimulus="image:chelsea",
+                         layer_help="module name (default: the first conv, e.g. conv1.conv)")
     parser.add_argument("--no-transform-input", dest="transform_input", action="store_false",
                         help="build GoogLeNet with transform_input=False")
     parser.add_argument("--no-compare-transform", dest="compare_transform",
@@ -511,49 +528,19 @@ def add_arguments(parser) -> None:
 
 
 def kwargs_from_args(args) -> dict:
-    return {**run_arguments(args), "transform_input": args.transform_input,
+    return {**stimulus_kwargs(args), "transform_input": args.transform_input,
             "compare_transform": args.compare_transform, "flatten_case": args.flatten_case,
             "repeats": args.repeats}
 
 
-def controls(st) -> dict:
-    kwargs = model_controls(st, "partial-forward", model="googlenet",
-                            models=["googlenet", "resnet18", "resnet50", "mobilenet_v2",
-                                    "efficientnet_lite0"],
-                            stimulus="image:chelsea", layer="any",
-                            default_layer="conv1.conv")
-    cols = st.columns(3)
-    kwargs["transform_input"] = cols[0].checkbox("GoogLeNet transform_input", True,
-                                                 key="partial-forward:transform_input")
-    kwargs["compare_transform"] = cols[1].checkbox("Also run with the flag flipped", True,
-                                                   key="partial-forward:compare")
-    kwargs["flatten_case"] = cols[2].checkbox("Add the ResNet18 fc (flatten) case", True,
-                                              key="partial-forward:flatten")
-    return kwargs
-
-
-EXPERIMENT = register(Experiment(
-    name="partial-forward",
-    title="Running part of a network",
-    story=(
-        "To get an intermediate output without running all of GoogLeNet, a researcher built "
-        "nn.Sequential(model.conv1.conv); its output differed from a forward hook on the full "
-        "model (0.436 vs 1.275 for the first unit) (USER_STORIES.md 1)."
-    ),
-    explanation=(
-        "A model is not just its list of children: `forward` is code and may do things "
-        "between them. Pretrained GoogLeNet has `transform_input=True` and re-normalises the "
-        "input inside `forward`; ResNet flattens between `avgpool` and `fc`. "
-        "`nn.Sequential(*model.children())` skips that code, so it gets a different input "
-        "(GoogLeNet) or crashes (ResNet's fc).\n\n"
-        "What works: a forward hook on the full model (remember `.clone()`), torchvision's "
-        "`create_feature_extractor` (it traces `forward`, functional code included), or an "
-        "early exit -- a hook that raises once the layer has run, so the rest of the network "
-        "never executes, which saves most of the time for early layers."
-    ),
-    run=partial_forward,
-    add_arguments=add_arguments,
-    kwargs_from_args=kwargs_from_args,
-    figures=figures,
-    controls=controls,
-))
+CONTROLS = PageControls(
+    StimulusInputs(model="googlenet", stimulus="image:chelsea",
+                   models=("googlenet", "resnet18", "resnet50", "mobilenet_v2",
+                           "efficientnet_lite0"),
+                   layer="any", default_layer="conv1.conv"),
+    rows=((
+        Widget("transform_input", "GoogLeNet transform_input", "checkbox", default=True),
+        Widget("compare_transform", "Also run with the flag flipped", "checkbox", default=True),
+        Widget("flatten_case", "Add the ResNet18 fc (flatten) case", "checkbox", default=True),
+    ),),
+)

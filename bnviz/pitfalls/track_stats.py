@@ -1,6 +1,6 @@
 """Experiment 4: what ``track_running_stats`` really does ("eval() still uses my batch").
 
-USER_STORIES.md section 4: a layer *built* with ``track_running_stats=False`` has no running
+docs/stories.md section 4: a layer *built* with ``track_running_stats=False`` has no running
 buffers and normalises with batch statistics in train *and* eval. Switching the attribute
 off on an *existing* layer is different: its buffers stay, eval keeps using them, and train
 stops updating them.
@@ -10,7 +10,7 @@ copy of the model), builds three variants -- the layer as it is, a layer built w
 ``track_running_stats=False`` (same weight and bias), and a copy with the flag switched off
 -- and runs each in train and in eval. For every row it *measures* which statistics were
 used (the native output is compared with the batch-statistics and the running-statistics
-formula, :func:`bnviz.pitfalls.explain.candidate_outputs`) and whether the buffers changed
+formula, :func:`bnviz.pitfalls.formulas.candidate_outputs`) and whether the buffers changed
 (compared element by element before and after). :mod:`bnviz.modes`' prediction is shown
 next to the measurement, so a disagreement would be visible.
 """
@@ -29,12 +29,31 @@ from ..devices import resolve_device
 from ..errors import LayerError
 from ..models import DEFAULT_MODEL
 from ..modes import bn_layers, stats_used, unknown_layer_error, updates_running_stats
-from .base import Experiment, PitfallResult, register
-from .cli import add_run_arguments, load_experiment_model, make_batch, model_controls, run_arguments
-from .explain import MATCH_RTOL, candidate_outputs, relative_error
+from .base import PageControls, PitfallResult, StimulusInputs
+from .cli import add_stimulus_options, stimulus_kwargs
+from .common import load_experiment_model, make_batch
 from .figures import grouped_bars
+from .formulas import MATCH_RTOL, candidate_outputs, relative_error
 
-__all__ = ["SETUPS", "measure", "track_stats"]
+__all__ = ["SETUPS", "figures", "measure", "run"]
+
+NAME = "track-stats"
+TITLE = "What does track_running_stats do?"
+STORY = (
+    "\"eval() still uses my batch\": a layer with track_running_stats=False kept normalising "
+    "with batch statistics after model.eval(); and flipping the flag on an existing layer "
+    "behaved differently again (docs/stories.md section 4)."
+)
+EXPLANATION = (
+    "`track_running_stats` means two things depending on *when* it is set. A layer "
+    "**built** with `track_running_stats=False` has no `running_mean`/`running_var` "
+    "buffers at all, so it can only normalise with batch statistics -- in train *and* in "
+    "eval.\n\n"
+    "Switching the attribute **off on an existing layer** keeps its buffers: eval still "
+    "normalises with them, and train uses batch statistics but no longer updates them. "
+    "Each cell below is measured: the native output is compared with both formulas, and "
+    "the buffers are compared before and after the forward."
+)
 
 SETUPS = {
     "default": "layer as built (track_running_stats=True)",
@@ -126,7 +145,7 @@ def measure(bn: _BatchNorm, x: torch.Tensor, training: bool,
     }
 
 
-def track_stats(
+def run(
     model: Any = DEFAULT_MODEL,
     weights: Any = "auto",
     layer: str | None = None,
@@ -178,8 +197,8 @@ def track_stats(
     verdict, reproduced = _verdict(loaded.name, loaded.weights, layer, rows, fresh_init,
                                    bn.momentum)
     return PitfallResult(
-        name="track-stats",
-        title=EXPERIMENT.title,
+        name=NAME,
+        title=TITLE,
         verdict=verdict,
         reproduced=reproduced,
         table=rows,
@@ -272,38 +291,11 @@ def figures(result: PitfallResult) -> list:
 
 
 def add_arguments(parser) -> None:
-    add_run_arguments(parser, model=DEFAULT_MODEL, stimulus="image:chelsea")
+    add_stimulus_options(parser, model=DEFAULT_MODEL, stimulus="image:chelsea")
 
 
 def kwargs_from_args(args) -> dict:
-    return run_arguments(args)
+    return stimulus_kwargs(args)
 
 
-def controls(st) -> dict:
-    return model_controls(st, "track-stats", model=DEFAULT_MODEL, stimulus="image:chelsea")
-
-
-EXPERIMENT = register(Experiment(
-    name="track-stats",
-    title="What does track_running_stats do?",
-    story=(
-        "\"eval() still uses my batch\": a layer with track_running_stats=False kept "
-        "normalising with batch statistics after model.eval(); and flipping the flag on an "
-        "existing layer behaved differently again (USER_STORIES.md 4)."
-    ),
-    explanation=(
-        "`track_running_stats` means two things depending on *when* it is set. A layer "
-        "**built** with `track_running_stats=False` has no `running_mean`/`running_var` "
-        "buffers at all, so it can only normalise with batch statistics -- in train *and* in "
-        "eval.\n\n"
-        "Switching the attribute **off on an existing layer** keeps its buffers: eval still "
-        "normalises with them, and train uses batch statistics but no longer updates them. "
-        "Each cell below is measured: the native output is compared with both formulas, and "
-        "the buffers are compared before and after the forward."
-    ),
-    run=track_stats,
-    add_arguments=add_arguments,
-    kwargs_from_args=kwargs_from_args,
-    figures=figures,
-    controls=controls,
-))
+CONTROLS = PageControls(StimulusInputs(model=DEFAULT_MODEL, stimulus="image:chelsea"))
