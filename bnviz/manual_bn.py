@@ -1,6 +1,6 @@
 """An independent, documented implementation of BatchNorm, to check the native layer.
 
-The exact train-mode computation (USER_STORIES.md section 5), per channel ``c``::
+The exact train-mode computation (docs/stories.md, section 5), per channel ``c``::
 
     mean_c = mean of x[:, c, ...] over N and all spatial positions      (count = N*H*W)
     var_c  = mean of (x[:, c, ...] - mean_c)**2                           (biased!)
@@ -180,7 +180,7 @@ class Probe:
     the inspection's wrapper of the layer's forward, before an in-place activation can
     overwrite the output. The per-channel arithmetic that turns these sums into statistics
     and differences waits for :func:`summarise`, which does it for every layer of the
-    network in one vectorised step: on small inputs the fixed cost of ~20 tiny tensor ops
+    network in one vectorised step: on small inputs the fixed cost of many tiny tensor ops
     per layer, not the memory traffic, is what an inspection pays for.
     """
 

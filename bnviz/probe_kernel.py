@@ -1,9 +1,9 @@
 """The compiled probe: the manual-vs-native check of one BN layer in one or two reads.
 
 :func:`bnviz.manual_bn.probe_layer` needs six memory passes over an activation in eager
-PyTorch; on a CPU, where these networks are memory-bound, that is what made ``inspect`` cost
-1.4-1.8x a plain forward of efficientnet_lite0 (BENCHMARKS.md). ``csrc/probe.cpp`` does the
-same arithmetic -- the formula of :mod:`bnviz.manual_bn`, no BatchNorm code -- reading the
+PyTorch; on a CPU, where these networks are memory-bound, that made ``inspect`` cost well
+over a plain forward (the numbers are in BENCHMARKS.md). ``csrc/probe.cpp`` does the same
+arithmetic -- the formula of :mod:`bnviz.manual_bn`, no BatchNorm code -- reading the
 input and the native output once each (eval) or the input twice (train, the second time from
 cache), inside PyTorch's own thread pool.
 
@@ -11,13 +11,14 @@ It is built ahead of time, never in the middle of an inspection::
 
     bnviz build-kernel        # `make run` and `make test` do it for you
 
-which compiles the file with the system C++ compiler (~15 s, once per torch version) into
-``~/.cache/bnviz/kernels`` (``$BNVIZ_CACHE_DIR`` overrides); a compiler without OpenMP
-(Apple's clang) gets a build whose check runs on the calling thread. Each process decides once, at
-its first inspection, whether the library is there: two inspections in one process always
-use the same code, so their numbers are identical to the last bit. Without a compiler, on
-CUDA, for dtypes other than float32 or non-contiguous tensors, the eager path runs instead:
-same quantities, more passes. ``BNVIZ_PROBE_KERNEL=0`` turns the compiled path off.
+which compiles the file with the system C++ compiler (some seconds, once per torch version)
+into ``~/.cache/bnviz/kernels`` (``$BNVIZ_CACHE_DIR`` overrides); a compiler without OpenMP
+(Apple's clang) gets a build whose check runs on the calling thread. Each process decides
+once, at its first inspection, whether the library is there: two inspections in one
+process always use the same code, so their numbers are identical to the last bit. Without
+a compiler, on CUDA, for dtypes other than float32 or non-contiguous tensors, the eager
+path runs instead: same quantities, more passes. ``BNVIZ_PROBE_KERNEL=0`` turns the
+compiled path off.
 """
 
 from __future__ import annotations

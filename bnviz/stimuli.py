@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from .errors import StimulusError
+from .validation import as_int, check_int
 
 __all__ = [
     "COMPOSITIONS",
@@ -89,8 +90,8 @@ PHOTOS = (
 )
 #: The file of each photo inside scikit-image's data directory: what ``skimage.data.<name>()``
 #: reads. Pillow reads it directly, because the skimage function first imports
-#: ``skimage.io`` (and with it SciPy and the colour module): ~0.3 s of the dashboard's cold
-#: start, for the same pixels (``tests/test_stimuli.py`` compares every photo).
+#: ``skimage.io`` (and with it SciPy and the colour module): a noticeable part of the
+#: dashboard's cold start, for the same pixels (``tests/test_stimuli.py`` compares every photo).
 _PHOTO_FILES = {
     "chelsea": "chelsea.png",
     "coffee": "coffee.png",
@@ -216,26 +217,18 @@ def _check_composition(composition: object) -> str:
     return composition.strip().lower()
 
 
-def _as_int(value: object) -> int | None:
-    """``value`` as an int if it is an integer (or an integral float), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real) and math.isfinite(float(value)):
-        f = float(value)
-        if f.is_integer():
-            return int(f)
-    return None
+def _whole(value: object) -> int | None:
+    """:func:`~bnviz.validation.as_int` for numbers only: the stimulus API has always refused
+    text such as ``"4"`` (a spec's values are parsed into numbers before they are checked)."""
+    return None if isinstance(value, str) else as_int(value)
 
 
 def _check_int(what: str, value: object, lo: int, hi: int, fix: str) -> int:
-    n = _as_int(value)
-    if n is None:
-        raise StimulusError(f"{what} must be a whole number, got {value!r}.", fix)
-    if not lo <= n <= hi:
-        raise StimulusError(f"{what} must be between {lo} and {hi}, got {n}.", fix)
-    return n
+    """:func:`~bnviz.validation.check_int` raising :class:`StimulusError`, numbers only."""
+    if isinstance(value, str):
+        raise StimulusError(f"{what} must be a whole number from {lo} to {hi}, got {value!r}.",
+                            fix)
+    return check_int(what, value, lo, hi, fix, error=StimulusError)
 
 
 def _check_size(size: object) -> int:
@@ -312,7 +305,7 @@ def _check_params(kind: str, params: dict[str, Any], size: int | None) -> dict[s
                 fix += f" ({p.unit})"
             fix += f", e.g. {example}."
             if p.type == "int":
-                number: float | None = _as_int(value)
+                number: float | None = _whole(value)
                 kind_word = "a whole number"
             else:
                 number = (

@@ -558,16 +558,16 @@ def test_activation_found_after_a_discarded_bn_output():
 
 def test_stats_only_equals_keep_all_and_learns_consumers_once(monkeypatch):
     """A statistics-only rerun skips the per-op watch but reports exactly the same numbers."""
-    from bnviz import inspection
+    from bnviz.inspection import watch
 
     calls = {"n": 0}
-    real = inspection._Session.__torch_function__
+    real = watch.ConsumerWatch.__torch_function__
 
     def counting(self, func, types, args=(), kwargs=None):
         calls["n"] += 1
         return real(self, func, types, args, kwargs)
 
-    monkeypatch.setattr(inspection._Session, "__torch_function__", counting)
+    monkeypatch.setattr(watch.ConsumerWatch, "__torch_function__", counting)
     net = small_net()
     x = torch.randn(4, 3, 8, 8)
     for mode in ["eval", "train", "train,momentum=none", "eval,track=none"]:

@@ -315,7 +315,7 @@ def test_irregular_forwards_mix_block_and_general_checks(mode, monkeypatch):
                 m.weight.uniform_(0.5, 2)
                 m.bias.uniform_(-1, 1)
     x = torch.randn(3, 4, 6, 5) * 2 + 0.5
-    from bnviz import inspection
+    from bnviz.inspection import run as inspection  # where _flat_run is looked up
 
     with probe_kernel.forced(True):
         blocks = bnviz.inspect(net, x, modes=mode, keep_tensors=False)
@@ -350,7 +350,7 @@ def test_lite0_inspection_through_the_blocks_equals_per_layer_probes(lite, monke
     """The usual forward: every layer of efficientnet_lite0 goes through the blocks, and the
     report is bit-identical to per-layer compiled probes summarised afterwards."""
     compiled_probe_or_skip()
-    from bnviz import inspection
+    from bnviz.inspection import run as inspection  # where _flat_run is looked up
 
     raw = bnviz.make_stimulus("image", name="coffee", size=64, batch_size=2,
                               composition="jitter")
@@ -389,7 +389,7 @@ def test_a_layer_the_operator_refuses_is_checked_the_general_way(monkeypatch):
     refuses a layer (RuntimeError, raised before it writes), that layer is probed the
     general way and the report is the same as without the blocks."""
     compiled_probe_or_skip()
-    from bnviz import inspection
+    from bnviz.inspection import run as inspection  # where _flat_run is looked up
 
     net = _Irregular()
     x = torch.randn(2, 4, 5, 5)
