@@ -1,7 +1,10 @@
 """bnviz dashboard (main page): live views of every BatchNorm layer of a real network.
 
 A thin shell: widgets -> :mod:`bnviz.dashboard` (configuration, cached inspection, view
-data) -> :mod:`bnviz.figures` (plotly). Run with ``streamlit run app.py`` (``make run``).
+data, the registry of the layer's charts) -> :mod:`bnviz.figures` (plotly). Run with
+``streamlit run app.py`` (``make run``). It stays one file of about 600 lines so the page's
+layout reads top to bottom in the order a student sees it; everything that can be tested
+without a browser is in the package.
 
 Caching, and why it is safe for a class sharing one server:
 
@@ -17,37 +20,35 @@ Caching, and why it is safe for a class sharing one server:
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import streamlit as st
 
-from chart_preload import preload_chart_code
+from ui.chart_preload import preload_chart_code
+
+if TYPE_CHECKING:
+    import torch
 
 st.set_page_config(page_title="bnviz: BatchNorm microscope", page_icon=":microscope:",
                    layout="wide")
 preload_chart_code()
 
-# Everything below imports PyTorch (~2.5 s in a fresh process): after the preload above.
-import torch  # noqa: E402
-
+# Everything below imports PyTorch (seconds in a fresh process): after the preload above.
+# The whole package first, then its parts (see tests/test_imports.py).
 import bnviz  # noqa: E402
 from bnviz import dashboard as dash  # noqa: E402
-from bnviz import figures  # noqa: E402
-from bnviz.devices import DEVICE_CHOICES, resolve_device  # noqa: E402
-from bnviz.errors import BnvizError, WeightsUnavailableError  # noqa: E402
-from bnviz.models import fetch_weights, list_models, weights_status  # noqa: E402
-from bnviz.stimuli import COMPOSITIONS, MAX_BATCH_SIZE, MAX_SIZE, MIN_SIZE  # noqa: E402
+from bnviz import devices, figures, models, settings, stimuli  # noqa: E402
 
 dash.configure_torch_threads()
 
 PLOT_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d"]}
 #: BNVIZ_TIMING=1 logs how long each (partial) rerun takes on the server, so the benchmark
 #: can tell server time from browser time.
-TIMING = os.environ.get("BNVIZ_TIMING") == "1"
+TIMING = settings.settings().timing
 
 
 def log_time(what: str, t0: float) -> None:
@@ -80,19 +81,10 @@ def drawing_here():
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def get_model(name: str, random_init: bool) -> bnviz.LoadedModel:
-    """One shared model per (name, weights); never modified (inspect works on copies).
-
-    Random init is seeded, so every session and every server restart shows the same
-    random network and a shared link reproduces its numbers."""
-    if random_init:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            loaded = bnviz.load_model(name, weights=None)
-    else:
-        loaded = bnviz.load_model(name)
-    # Modules and the model live as long as the server: exempt them from the garbage
-    # collection Streamlit runs after every rerun (~250 ms otherwise; see the function).
-    dash.freeze_long_lived_objects()
+    """One shared model per (name, weights), seeded when random; never modified (inspect
+    works on copies)."""
+    loaded = dash.load_shared_model(name, random_init)
+    dash.freeze_long_lived_objects()  # it and the modules live as long as the server
     return loaded
 
 
@@ -151,7 +143,7 @@ def init_session() -> None:
     ss["_layer_request"] = cfg.layer
     ss["channel"] = cfg.channel
     ss["element"] = dash.FORMULA_ELEMENTS[cfg.element]
-    ss["layer_tab"] = dash.LAYER_TABS[cfg.tab]
+    ss["layer_tab"] = dash.chart(cfg.tab).title
     ss["weights_errors"] = {}
 
 
@@ -181,7 +173,7 @@ def retry_download(name: str) -> None:
 
 def sidebar_model() -> tuple[bnviz.LoadedModel | None, str | None]:
     """Model picker and loading; returns (model, error message)."""
-    st.sidebar.selectbox("Model", list_models(), key="model",
+    st.sidebar.selectbox("Model", models.list_models(), key="model",
                          help="efficientnet_lite0 ships its ImageNet weights and works offline.")
     name = ss["model"]
     if ss.get("ov_model") != name:  # another model: its layers differ, so do the overrides
@@ -191,7 +183,7 @@ def sidebar_model() -> tuple[bnviz.LoadedModel | None, str | None]:
                         help="An untrained network: running mean 0 and variance 1 everywhere. "
                              "Every chart is then labelled 'random init'.")
     random_init = bool(ss["random_init"])
-    status = weights_status(name, check_network=False)
+    status = models.weights_status(name, check_network=False)
     errors: dict = ss["weights_errors"]
     if not random_init and name not in errors and status == "not cached":
         bar = st.sidebar.progress(0.0, text=f"Downloading the {name} weights...")
@@ -201,8 +193,9 @@ def sidebar_model() -> tuple[bnviz.LoadedModel | None, str | None]:
             bar.progress(min(frac, 1.0), text=f"Downloading the {name} weights: "
                                               f"{done / 2**20:.1f} of {total / 2**20:.1f} MB")
         try:
-            fetch_weights(name, progress=progress)  # into the torch hub cache; no model built
-        except WeightsUnavailableError as exc:
+            # into the torch hub cache; no model built
+            models.fetch_weights(name, progress=progress)
+        except bnviz.WeightsUnavailableError as exc:
             errors[name] = str(exc)
         bar.empty()
     if not random_init and name in errors:
@@ -212,7 +205,7 @@ def sidebar_model() -> tuple[bnviz.LoadedModel | None, str | None]:
     try:
         with st.spinner(f"Loading {name}..."):
             loaded = get_model(name, random_init)
-    except BnvizError as exc:
+    except bnviz.BnvizError as exc:
         return None, str(exc)
     st.sidebar.caption(f"Weights: **{loaded.weights}** (status: {loaded.weights_status}); "
                        f"{len(loaded.bn_layer_names)} BatchNorm layers.")
@@ -220,14 +213,14 @@ def sidebar_model() -> tuple[bnviz.LoadedModel | None, str | None]:
 
 
 def sidebar_device() -> str | None:
-    st.sidebar.radio("Device", DEVICE_CHOICES, key="device", horizontal=True)
+    st.sidebar.radio("Device", devices.DEVICE_CHOICES, key="device", horizontal=True)
     try:
-        dev = resolve_device(ss["device"])
-    except BnvizError as exc:
+        dev = devices.resolve_device(ss["device"])
+    except bnviz.BnvizError as exc:
         st.sidebar.error(str(exc))
         return None
-    st.sidebar.caption(f"In use: **{dev}**"
-                       + ("" if torch.cuda.is_available() else " (no CUDA on this server)"))
+    cuda = "cuda" in devices.available_devices()
+    st.sidebar.caption(f"In use: **{dev}**" + ("" if cuda else " (no CUDA on this server)"))
     return str(dev)
 
 
@@ -263,17 +256,18 @@ def sidebar_stimulus() -> tuple[dict, str | None, str]:
             try:
                 digest, upload_path = dash.store_upload(up.getvalue(), up.name)
                 ss["_upload_hash"] = digest
-            except BnvizError as exc:
+            except bnviz.BnvizError as exc:
                 sb.error(str(exc))
                 ss["_upload_hash"] = ""
         else:
             ss["_upload_hash"] = ""
     c1, c2 = sb.columns(2)
-    c1.number_input("Image size", min_value=MIN_SIZE, max_value=MAX_SIZE, step=16, key="size")
-    c2.number_input("Batch size", min_value=1, max_value=MAX_BATCH_SIZE, step=1,
+    c1.number_input("Image size", min_value=stimuli.MIN_SIZE, max_value=stimuli.MAX_SIZE,
+                    step=16, key="size")
+    c2.number_input("Batch size", min_value=1, max_value=stimuli.MAX_BATCH_SIZE, step=1,
                     key="batch_size")
     c1, c2 = sb.columns(2)
-    c1.selectbox("Composition", COMPOSITIONS, key="composition",
+    c1.selectbox("Composition", stimuli.COMPOSITIONS, key="composition",
                  help="copies: one image repeated; different: different images of the kind; "
                       "jitter: shifted/flipped copies of image 0.")
     c2.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="seed")
@@ -331,8 +325,8 @@ def explain(key: str) -> None:
 
 
 def chart(fig, key: str | None = None, **kw) -> None:
-    # theme=None: Streamlit's theme is merged into every figure in the browser, which
-    # costs ~70 ms per redrawn chart; the figures carry their own colours.
+    # theme=None: Streamlit's theme would be merged into every figure in the browser, on
+    # every redraw; the figures carry their own colours.
     st.plotly_chart(fig, key=key, config=PLOT_CONFIG, theme=None, **kw)
 
 
@@ -376,42 +370,29 @@ def view_channel(view: dash.ViewData, layer: dash.LayerView) -> int:
                     key="channel")
     c2.selectbox("Element for the formula", dash.FORMULA_ELEMENTS, key="element")
     channel = int(ss["channel"])
-    label = view.weights_label
     # One button row picks which of the layer's charts is drawn (like tabs, but only the
-    # picked chart is built). Not st.tabs: redrawing a tab bar cost ~30-50 ms of the
-    # browser's time on every layer switch (BENCHMARKS.md, runs X1-X2). The state is gone
-    # after a run that stopped before this widget (a model error, say): start on the first.
+    # picked chart is built): st.tabs would be redrawn by the browser on every layer switch.
+    # The state is gone after a run that stopped before this widget (a model error, say):
+    # start on the first chart.
     if ss.get("layer_tab") not in dash.LAYER_TABS:
         ss["layer_tab"] = dash.LAYER_TABS[0]
     shown = st.segmented_control("Chart of this layer", dash.LAYER_TABS, key="layer_tab",
                                  required=True, label_visibility="collapsed")
-    if shown == dash.LAYER_TABS[0]:
-        chart(figures.channel_stats_figure(layer, channel, label), key="chart_stats")
-        explain("channel_stats")
-    elif shown == dash.LAYER_TABS[1]:
-        chart(figures.feature_map_figure(layer, channel, label), key="chart_maps")
-        explain("feature_maps")
-        gallery = dash.gallery_channels(channel, layer.num_features)
-        chart(figures.channel_gallery_figure(layer, gallery, "input", label),
-              key="chart_gallery")
-        explain("gallery")
-    elif shown == dash.LAYER_TABS[2]:
-        chart(figures.distribution_figure(layer, channel, label), key="chart_dist")
-        explain("distribution")
-        chart(figures.all_channels_figure(layer, channel, label), key="chart_allch")
-        explain("all_channels")
-    elif shown == dash.LAYER_TABS[3]:
-        chart(figures.running_update_figure(layer, channel, label), key="chart_update")
-        st.markdown(dash.running_update_text(layer, channel))
-        explain("running_update")
-    else:
-        chart(figures.manual_vs_native_figure(layer, channel, label), key="chart_manual")
-        explain("manual")
-        st.caption(dash.manual_check_note(view.stats_report.manual_check))
-        which = dash.FORMULA_ELEMENTS.index(ss["element"])
-        st.markdown(dash.formula_text(layer.element(channel, which)))
-        explain("formula")
+    draw_chart(dash.chart_titled(shown), dash.ChartInput(
+        view, layer, channel, dash.FORMULA_ELEMENTS.index(ss["element"])))
     return channel
+
+
+def draw_chart(spec: dash.ChartSpec, shown: dash.ChartInput) -> None:
+    """One chart of the registry: its figures and sentences, in order."""
+    for block in spec.blocks:
+        made = block.make(shown)
+        if block.kind == "figure":
+            chart(made, key=block.key)
+        elif block.kind == "markdown":
+            st.markdown(made)
+        else:
+            st.caption(made)
 
 
 def view_inplace(view: dash.ViewData, layer: dash.LayerView, channel: int) -> None:
@@ -445,7 +426,7 @@ def view_export(view: dash.ViewData, cfg: dash.DashConfig) -> None:
     st.header("5. Export")
     stem = dash.export_file_stem(cfg)
     c1, c2 = st.columns(2)
-    # Both files are made when clicked (the CSV needs pandas, the JSON ~0.5 s).
+    # Both files are made when clicked (the CSV needs pandas, the JSON takes a while).
     c1.download_button("Per-layer table (CSV)", lambda: view.table_csv,
                        file_name=f"{stem}.csv", mime="text/csv", key="dl_csv",
                        on_click="ignore")
@@ -471,7 +452,7 @@ def current_config(params: dict, overrides: dict) -> dash.DashConfig:
         layer=ss.get("layer") or ss.get("_layer_request", ""),
         channel=int(ss.get("channel", 0)),
         element=dash.FORMULA_ELEMENTS.index(ss.get("element", dash.FORMULA_ELEMENTS[0])),
-        tab=dash.LAYER_TABS.index(ss.get("layer_tab") or dash.LAYER_TABS[0]),
+        tab=dash.chart_titled(ss.get("layer_tab")).slug,
     )
 
 
@@ -513,15 +494,15 @@ def main() -> None:
     log_time("sidebar", _t0)
     try:
         x = get_stimulus(repr(cfg.eval_key()[3:]), cfg, upload_path)
-    except BnvizError as exc:
+    except bnviz.BnvizError as exc:
         st.error(str(exc))
         return
     preview_sidebar(x, loaded, cfg, upload_name)
     # Drawn before the forward: the browser loads and starts its chart code while the
-    # network runs (on a cold start that overlaps ~1 s of the wait for the first charts).
+    # network runs (on a cold start that overlaps part of the wait for the first charts).
     try:
         pre = dash.preprocessed_preview(loaded, x)
-    except BnvizError as exc:  # what inspect would report for this input
+    except bnviz.BnvizError as exc:  # what inspect would report for this input
         st.error(str(exc))
         return
     st.sidebar.plotly_chart(
@@ -536,7 +517,7 @@ def main() -> None:
         with st.spinner("Running the network and measuring every BatchNorm layer..."):
             view = get_view(repr(cfg.compute_key()), loaded, x, json.dumps(modes), device,
                             cfg.random_init)
-    except BnvizError as exc:
+    except bnviz.BnvizError as exc:
         st.error(str(exc))
         return
 
@@ -554,7 +535,7 @@ def main() -> None:
         else:
             with st.spinner("Running the all-eval reference for the predictions..."):
                 reference = get_eval_predictions(repr(cfg.eval_key()), loaded, x, device)
-    except BnvizError as exc:
+    except bnviz.BnvizError as exc:
         st.error(str(exc))
     predictions_fragment(view, reference)
     view_export(view, cfg)
@@ -589,7 +570,7 @@ def channel_fragment(view: dash.ViewData, layer_name: str, cfg: dash.DashConfig)
         sync_query_params(replace(
             cfg, layer=layer.label, channel=channel,
             element=dash.FORMULA_ELEMENTS.index(ss["element"]),
-            tab=dash.LAYER_TABS.index(ss.get("layer_tab") or dash.LAYER_TABS[0])))
+            tab=dash.chart_titled(ss.get("layer_tab")).slug))
     log_time("channel-fragment", t0)
 
 

@@ -75,9 +75,9 @@ def first_charts(starts: int) -> list[dict]:
     """Cold starts: server process start -> first chart / all charts on screen.
 
     The browser is started, and idle on a blank page, before the server, as a student's
-    browser would be: its own start-up is not part of the time. (Until run Z1 the server
-    was started right after the blank page opened, while chromium still used ~1.5 cores
-    for about a second: ``--no-settle`` measures that way.)"""
+    browser would be: its own start-up is not part of the time. (``--no-settle`` starts
+    the server right after the blank page opens, while chromium is still starting up, as
+    the older runs in BENCHMARKS.md did.)"""
     out = []
     for _ in range(starts):
         with bs.chromium() as browser:
@@ -401,10 +401,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", type=float, default=None, metavar="S",
                         help="BNVIZ_PREFETCH_QUIET_S for the server: seconds the prefetch "
                              "waits after a rerun of a local browser (default: the app's, "
-                             "0.75; 0: it starts at once, as before run Y1)")
+                             "0.75; 0: it starts at once)")
     parser.add_argument("--no-settle", action="store_true",
                         help="cold starts: start the server right after the browser opens "
-                             "its blank page, not once it is idle (the protocol before Z1)")
+                             "its blank page, not once it is idle (the older protocol)")
     args = parser.parse_args(argv)
     global SETTLE_BROWSER
     SETTLE_BROWSER = not args.no_settle

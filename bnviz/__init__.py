@@ -14,16 +14,6 @@ Every number comes from PyTorch itself or from an independent implementation che
 against it (:mod:`bnviz.manual_bn`); the caller's model is never modified unless asked.
 """
 
-# Imported whole, here, before any figure can be built in this process. Plotly never imports
-# pandas itself: it looks it up in ``sys.modules`` while it builds and serialises every
-# figure, and while another thread imports pandas (a student's first table on a shared
-# server) that entry is a half-initialised module: the other students' charts crashed with
-# "partially initialized module 'pandas' has no attribute 'Series'" (~0.2 s once per process;
-# tests/test_imports.py holds such an import halfway). Plotly looks up PIL.Image the same
-# way when it serialises with orjson, where installed (8 ms).
-import pandas  # noqa: F401
-import PIL.Image  # noqa: F401
-
 from .devices import resolve_device
 from .errors import (
     BnvizError,

@@ -1,7 +1,7 @@
 """Plotly figures of the dashboard: pure functions from view data to ``go.Figure``.
 
-Every builder takes the condensed data of :mod:`bnviz.dashboard` (a :class:`ViewData` or a
-:class:`LayerView`) and returns a figure; nothing here touches Streamlit or runs a network,
+Every builder takes the condensed data of :mod:`bnviz.dashboard` (a ``ViewData`` or a
+``LayerView``) and returns a figure; nothing here touches Streamlit or runs a network,
 so the figures are unit-tested against PyTorch's numbers directly (a trace's ``y`` *is* the
 report's ``batch_mean``). Arrays leave as plain JSON lists with a content digest as
 ``layout.datarevision`` (exact float32 values; see :func:`_plain_data` for why not base64):
@@ -9,8 +9,8 @@ the whole page stays far below the 2 MB per rerun budget.
 
 Speed: figures are written as plain dict specs with explicit subplot domains and wrapped in
 ``go.Figure(spec, _validate=False)``. Plotly's per-property validation (and
-``make_subplots``) costs 40-90 ms per figure, ten times the rest of a rerun; the unit tests
-validate every figure instead, once, with ``go.Figure(fig.to_dict())``.
+``make_subplots``) costs more than the rest of a rerun; the unit tests validate every
+figure instead, once, with ``go.Figure(fig.to_dict())``.
 
 Colours mean the same thing everywhere: orange = batch statistics, blue = running
 statistics, green = the manual (literal formula) computation, grey = reference lines.
@@ -22,12 +22,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+# Imported whole before this process builds any figure: plotly does not import pandas or
+# PIL.Image itself but looks them up in ``sys.modules`` while it builds and serialises every
+# figure, and a module that another thread is still importing is half-initialised there
+# (charts crashed with "partially initialized module 'pandas'"; tests/test_imports.py).
+import pandas  # noqa: F401
+import PIL.Image  # noqa: F401
 import plotly.graph_objects as go
 
-from .dashboard import LayerView, ViewData
+if TYPE_CHECKING:
+    from .dashboard import LayerView, ViewData
 
 BATCH = "#ff7f0e"
 RUNNING = "#1f77b4"
@@ -40,11 +48,9 @@ HEATMAP_SCALE = "RdBu_r"
 RANDOM_INIT_LABEL = "random init (not pretrained)"
 
 #: Above this many channels a per-channel trace is drawn as one step line (one SVG path)
-#: instead of one SVG node per channel: a 1280-channel layer would otherwise put ~10k nodes
-#: on the page and a layer switch would spend most of its time in the browser (measured in
-#: headless chromium: 4 traces of 144 markers draw in ~50 ms, as step lines in ~25 ms).
-#: WebGL is no better: without a GPU, as in headless browsers and many school laptops, it
-#: is emulated and costs ~200 ms per chart.
+#: instead of one SVG node per channel: a wide layer would otherwise put thousands of nodes
+#: on the page and a layer switch would spend most of its time in the browser. WebGL is no
+#: better: without a GPU, as in headless browsers and many school laptops, it is emulated.
 MANY_CHANNELS = 64
 #: Above this many channels, per-channel bars become one step-shaped filled line.
 BAR_CHANNELS = 128
@@ -135,14 +141,13 @@ def _figure(data: list[dict], layout: dict, title: str, height: int,
     if plain:
         data, layout["datarevision"] = _plain_data(data)
     layout.update(
-        # no template: plotly.js's plain defaults; saves ~7 KB and a merge per chart. A
+        # no template: plotly.js's plain defaults; saves bytes and a merge per chart. A
         # string, not {}: see _plain_data for why every value must compare equal by value.
         template="none",
         title={"text": titled(title, label), "x": 0.0, "xanchor": "left", "font": {"size": 15}},
         height=height,
         # Fixed margins unless a colour bar needs room: with autoexpand plotly.js measures
-        # every legend and label and lays the chart out a second time (measured: 15-30 ms
-        # of a 30-40 ms draw in headless chromium).
+        # every legend and label and lays the chart out a second time.
         margin={"l": 55, "r": 20, "t": 80, "b": 45,
                 "autoexpand": _has_colorbar(data, layout)},
         showlegend=legend,
@@ -173,13 +178,12 @@ def _plain(value: Any, digest) -> Any:
 def _plain_data(data: list[dict]) -> tuple[list[dict], str]:
     """Traces with every numpy array as a plain list, and a digest of their content.
 
-    Why (measured in headless chromium): Streamlit's chart component draws every new
-    figure twice -- ``Plotly.react`` on mount, then again with a JSON copy of the same
-    figure. Plotly redraws everything on that second call (40-80 ms per chart, as long as
-    the first draw) unless it can tell nothing changed: data arrays must be plain arrays
+    Why: Streamlit's chart component draws every new figure twice -- ``Plotly.react`` on
+    mount, then again with a JSON copy of the same figure. Plotly redraws everything on
+    that second call unless it can tell nothing changed: data arrays must be plain arrays
     (base64 typed arrays always count as changed), ``layout.datarevision`` must be set (then
     arrays are compared through it) and no layout value may be an object compared by
-    identity (``template: {}`` was one). With all three the second call costs ~10 ms.
+    identity (``template: {}`` was one). With all three the second call is nearly free.
 
     The revision is a digest of the arrays' bytes (and the other trace values), so a figure
     with other numbers always gets another revision. Lists of float32 values are exact:
@@ -456,9 +460,8 @@ def manual_vs_native_figure(layer: LayerView, channel: int | None = None,
     difference over *all* elements (computed by the core during the forward).
 
     The sample is drawn as SVG ``scatter``, not ``scattergl``: without a GPU (headless
-    browsers, many school laptops) WebGL is emulated and its set-up alone costs ~200 ms per
-    draw; 1000 SVG points cost ~40 ms (3000 cost ~140 ms, hence
-    :data:`bnviz.dashboard.SAMPLE_POINTS`)."""
+    browsers, many school laptops) WebGL is emulated and its set-up alone costs more than
+    drawing :data:`bnviz.dashboard.SAMPLE_POINTS` SVG points."""
     native = _f32(layer.sample_native)
     manual = _f32(layer.sample_manual)
     grid = _Grid(1, 2, hspace=0.1, col_widths=(0.45, 0.55), titles=(
@@ -557,9 +560,9 @@ def input_figure(z: np.ndarray, rows: np.ndarray, cols: np.ndarray,
     _square_axes(grid, n, ticks=False)
     layout = grid.layout
     layout["coloraxis"] = {"colorscale": "Greys_r", "colorbar": {"thickness": 10}}
-    # base64 arrays (plain=False): 3 x 56 x 56 exact values are 180 KB as JSON lists and
-    # 38 KB as base64; this chart only changes with the input, never on a layer, channel or
-    # mode change, so the second draw it costs once is cheaper than the bytes
+    # base64 arrays (plain=False): several times smaller than JSON lists of this many exact
+    # values, and this chart only changes with the input, never on a layer, channel or mode
+    # change, so the second draw it costs once is cheaper than the bytes
     fig = _figure(data, layout, "network input (after preprocessing), image 0", 210,
                   label, legend=False, plain=False)
     fig.update_layout(margin={"l": 10, "r": 10, "t": 60, "b": 10}, title_font_size=13)

@@ -1,12 +1,11 @@
 """Prefetching: compute the view a student will most likely ask for next, while nobody waits.
 
 Why: a mode toggle is the dashboard's slowest interaction. It is a new forward that keeps
-every activation, then condensing (efficientnet_lite0, batch 8, one CPU thread: ~0.5-1 s
-on the server, then ~0.7 s of drawing in the browser). It is also the question every
-student asks first ("what changes in eval mode?"). While the student reads the charts the
-server is idle, so the dashboard computes the same configuration with the other global
-mode then. When the student toggles, the view is already there, and only the drawing is
-left.
+every activation, then condensing, then drawing in the browser. It is also the question
+every student asks first ("what changes in eval mode?"). While the student reads the
+charts the server is idle, so the dashboard computes the same configuration with the other
+global mode then. When the student toggles, the view is already there, and only the
+drawing is left.
 
 The rules that keep this safe and cheap on a class server:
 
@@ -15,11 +14,10 @@ The rules that keep this safe and cheap on a class server:
 * **It waits while a page is being redrawn** (``quiet_s``, see :meth:`Prefetcher.activity`).
   A lower priority does not keep it off the cores a browser on the same machine needs: on
   a laptop with 2 cores the browser drawing leaves one core free, the prefetch takes it,
-  and its memory traffic slows the drawing (a toggle whose charts were drawn beside the
-  next toggle's prefetch: 1.44 s median, against 0.95 s with this wait; BENCHMARKS.md, runs
-  Y). So the app notes each rerun a local browser asked for, and the prefetch neither
-  starts nor goes on (its work pauses at :meth:`JobSignal.pause_while_busy`) until
-  ``quiet_s`` seconds have passed since.
+  and its memory traffic slows the drawing (numbers: docs/dashboard.md). So the app notes
+  each rerun a local browser asked for, and the prefetch neither starts nor goes on (its
+  work pauses at :meth:`JobSignal.pause_while_busy`) until ``quiet_s`` seconds have passed
+  since.
 * **It never starts while a forward somebody waits for is running** (see
   :meth:`Prefetcher.foreground`). A running prefetch that nobody has asked for yet is told
   to stop when such a forward starts; the work function passed to :meth:`Prefetcher.schedule`
@@ -188,7 +186,7 @@ class Prefetcher:
         for starts or ends): no prefetch starts or goes on for ``quiet_s`` seconds.
 
         Why also at the end: the browser draws what a rerun sent after the server is done
-        (~0.1-0.3 s for a layer switch, ~0.5-1 s for a new view, more on a first load).
+        (longer for a new view than for a layer switch, longest on a first load).
         """
         if self.quiet_s > 0:
             self._last_activity = time.monotonic()  # one float store: no lock needed

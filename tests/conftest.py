@@ -30,13 +30,30 @@ def _full_float32_on_cuda():
 
 
 @pytest.fixture(autouse=True)
-def _no_background_prefetch(monkeypatch):
+def _no_background_prefetch():
     """In-process tests (AppTest, dashboard) count forwards and compare numbers per run, so
-    the dashboard's background prefetch is off there; tests/test_prefetch.py switches it on
-    where it is the subject. Servers started by the browser tests keep the app's default."""
+    the dashboard's background prefetch is off there; tests that are about it install their
+    own with ``dashboard.set_prefetcher`` (undone here). Servers started by the browser
+    tests keep the app's default."""
     from bnviz import dashboard
+    from bnviz.prefetch import Prefetcher
 
-    monkeypatch.setattr(dashboard.PREFETCH, "enabled", False)
+    previous = dashboard.set_prefetcher(Prefetcher(enabled=False))
+    yield
+    dashboard.set_prefetcher(previous)
+
+
+@pytest.fixture
+def fresh_settings(monkeypatch):
+    """For tests that change ``BNVIZ_*`` variables with ``monkeypatch.setenv``: call it
+    after each change to read them again; afterwards the environment is restored first, then
+    read again."""
+    from bnviz.settings import settings
+
+    settings.cache_clear()
+    yield settings.cache_clear
+    monkeypatch.undo()
+    settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

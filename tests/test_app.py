@@ -258,7 +258,8 @@ def test_layer_channel_element_tab_do_not_rerun_the_forward():
     assert dash.inspect_calls() == calls  # no forward for any of these
     assert "Top-5 predictions for image 1" in "".join(charts(at))
     q = at.query_params
-    assert (q["layer"], q["ch"], q["el"], q["tab"]) == ("_blocks.3._bn1", "7", "2", "4")
+    assert (q["layer"], q["ch"], q["el"], q["tab"]) == ("_blocks.3._bn1", "7", "2",
+                                                        "manual-vs-native")
 
     open_tab(at, 0)
     at.radio(key="mode").set_value("eval")
@@ -283,7 +284,7 @@ def test_switching_back_reuses_the_cache():
     assert dash.inspect_calls() == calls
 
 
-def test_a_mode_toggle_takes_the_prefetched_other_mode(monkeypatch):
+def test_a_mode_toggle_takes_the_prefetched_other_mode():
     """With prefetching on (the app's default; conftest switches it off for the other
     in-process tests, which count forwards), the other global mode is computed after the
     page is drawn and the toggle shows it without a forward: the same charts as computing
@@ -292,7 +293,7 @@ def test_a_mode_toggle_takes_the_prefetched_other_mode(monkeypatch):
     from bnviz.prefetch import Prefetcher
 
     pre = Prefetcher(quiet_s=2.0)
-    monkeypatch.setattr(dash, "PREFETCH", pre)
+    dash.set_prefetcher(pre)  # the conftest puts the process's own back afterwards
     at = run(new_app(seed="131"))
     assert pre.counts["scheduled"] == 1 and pre.counts["started"] == 0  # the page is drawn
     assert pre._busy_for() > 0
@@ -305,7 +306,7 @@ def test_a_mode_toggle_takes_the_prefetched_other_mode(monkeypatch):
     assert pre.idle(TIMEOUT) and pre.counts["skipped"] == 1  # train: computed already
     shown = charts(at)
 
-    monkeypatch.setattr(dash, "PREFETCH", Prefetcher(enabled=False))
+    dash.set_prefetcher(Prefetcher(enabled=False))
     streamlit.cache_resource.clear()  # the same configuration, computed on the spot
     fresh = run(new_app(seed="131", mode="eval"))
     assert dash.inspect_calls()["view"] == calls["view"] + 1
@@ -493,7 +494,7 @@ def test_link_reproduces_the_view():
              "stim": "grating:contrast=0.5,frequency=4,orientation=30,phase=0", "size": "48",
              "batch": "3", "comp": "jitter", "seed": "3", "mode": "eval",
              "ov": "bn1:train,track=off;layer1.0.bn1:default,momentum=none",
-             "layer": "layer1.0.bn1", "ch": "5", "el": "2", "tab": "1"}
+             "layer": "layer1.0.bn1", "ch": "5", "el": "2", "tab": "feature-maps"}
     at = run(new_app(**query))
     assert errors(at) == []
     assert at.selectbox(key="model").value == "resnet18"
@@ -514,6 +515,21 @@ def test_link_reproduces_the_view():
     b = chart(other, "layer1.0.bn1, channel 5, image 0")
     for ta, tb in zip(a["data"], b["data"]):
         np.testing.assert_array_equal(arr(ta["z"]), arr(tb["z"]))
+
+
+def test_an_old_link_with_a_chart_index_opens_the_same_chart():
+    """Links made before charts had slugs say ``tab=1``: the same chart opens, and the
+    address bar then names it by its slug."""
+    by_slug = run(new_app(seed="106", tab="feature-maps"))
+    by_index = run(new_app(seed="106", tab="1"))
+    assert by_index.session_state["layer_tab"] == by_slug.session_state["layer_tab"] == \
+        dash.LAYER_TABS[1]
+    assert charts(by_index) == charts(by_slug)
+    assert by_index.query_params["tab"] == "feature-maps"
+    assert [w.value for w in by_index.warning] == []
+    unknown = run(new_app(seed="106", tab="histograms"))
+    assert any("tab='histograms'" in w.value for w in unknown.warning)
+    assert unknown.session_state["layer_tab"] == dash.LAYER_TABS[0] and charts(unknown)
 
 
 def test_bad_link_parameters_are_reported_not_fatal():
@@ -669,14 +685,14 @@ def test_every_registry_model_renders(name):
 
 
 @pytest.mark.parametrize("prefetch", [False, True], ids=["plain", "prefetching"])
-def test_two_sessions_interleaved_never_mix_numbers(prefetch, monkeypatch):
+def test_two_sessions_interleaved_never_mix_numbers(prefetch):
     """Two students with different modes, runs interleaved: each sees only their numbers,
     and the shared cached model is never changed -- also while the server prefetches each
     one's other mode in the background, next to the other student's forwards."""
     from bnviz.prefetch import Prefetcher
 
     pre = Prefetcher(enabled=prefetch)
-    monkeypatch.setattr(dash, "PREFETCH", pre)
+    dash.set_prefetcher(pre)  # the conftest puts the process's own back afterwards
     streamlit.cache_resource.clear()  # both variants compute (or prefetch) every view
     fresh = bnviz.load_model("efficientnet_lite0").module.state_dict()
     a = new_app(seed="105", mode="train")

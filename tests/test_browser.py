@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from bnviz.dashboard import LAYER_TABS
+from bnviz.dashboard import chart_titled
 from tests import browser_support as bs
 
 _REASON = bs.chromium_skip_reason()
@@ -115,7 +115,7 @@ def test_loads_with_every_chart_and_no_errors(page, server):
                       ("Manual vs native", "_bn0: manual formula vs native BatchNorm")):
         bs.open_tab(page, tab)
         wait_title(page, part)
-        assert f"tab={LAYER_TABS.index(tab)}" in page.url
+        assert f"tab={chart_titled(tab).slug}" in page.url
     shot(page, "05-manual-vs-native.png")
 
 
@@ -229,7 +229,7 @@ def test_a_link_reproduces_the_view(page, server, browser):
     bs.set_number(page, "Channel", 3)
     wait_title(page, "_blocks.3._bn1, channel 3, image 0")
     link = page.url
-    assert "tab=1" in link
+    assert "tab=feature-maps" in link
     original = bs.chart_data(page, "_blocks.3._bn1, channel 3, image 0")
     assert len(original) > 1000
     other = browser.new_context(viewport=VIEWPORT).new_page()

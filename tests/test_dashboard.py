@@ -21,6 +21,7 @@ from PIL import Image
 
 import bnviz
 from bnviz import dashboard as dash
+from bnviz.dashboard import pipeline, resources
 from bnviz.errors import ModeError, StimulusError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ CONFIGS = [
                     size=96, batch_size=3, composition="jitter", seed=7, mode="eval",
                     overrides=(("bn1", dash.RowOverride("train", "off", "none")),
                                ("layer1.0.bn1", dash.RowOverride("default", "none", "0.5"))),
-                    layer="layer1.0.bn2", channel=12, element=3, tab=4),
+                    layer="layer1.0.bn2", channel=12, element=3, tab="manual-vs-native"),
     dash.DashConfig(stimulus="uniform", params=dash.make_params("uniform", {"value": 0.25}),
                     batch_size=1, composition="copies"),
     dash.DashConfig(stimulus="checkerboard",
@@ -133,12 +134,57 @@ def test_query_bad_values_keep_defaults_and_say_why():
 
 def test_selection_is_not_part_of_the_compute_key():
     a = dash.DashConfig(layer="_bn0", channel=1, element=0)
-    b = dash.DashConfig(layer="_blocks.3._bn1", channel=9, element=4, tab=2)
+    b = dash.DashConfig(layer="_blocks.3._bn1", channel=9, element=4, tab="distributions")
     assert a.compute_key() == b.compute_key()
     assert dash.DashConfig(mode="eval").compute_key() != a.compute_key()
     assert (dash.DashConfig(overrides=(("_bn0", dash.RowOverride("eval")),)).compute_key()
             != a.compute_key())
     assert dash.DashConfig(mode="eval").eval_key() == a.eval_key()
+
+
+def test_a_chart_link_by_index_and_by_slug_open_the_same_chart():
+    """Links carry the chart's slug; a link made before (``tab=1``) opens the chart that
+    index meant, and the configuration writes it back as the slug."""
+    by_index, problems = dash.config_from_query({"tab": "1"})
+    by_slug, more = dash.config_from_query({"tab": "feature-maps"})
+    assert problems == more == []
+    assert by_index == by_slug and by_slug.tab == "feature-maps"
+    assert dash.chart(by_slug.tab).title == "Feature maps"
+    assert dash.config_to_query(by_index)["tab"] == "feature-maps"
+    for i, slug in enumerate(dash.LEGACY_TAB_ORDER):
+        assert dash.config_from_query({"tab": str(i)})[0].tab == slug
+    assert "tab" not in dash.config_to_query(dash.DashConfig())  # the first chart
+
+
+@pytest.mark.parametrize("value", ["histograms", "5", "-1", "1.5", ""])
+def test_an_unknown_chart_in_a_link_is_reported(value):
+    cfg, problems = dash.config_from_query({"tab": value})
+    assert cfg.tab == dash.DashConfig().tab
+    assert len(problems) == 1
+    assert problems[0].startswith(f"Ignored link parameter tab={value!r}")
+
+
+def test_the_chart_registry(lite_view):
+    """One entry per chart: unique slugs, titles and element keys, every old link's chart,
+    and every block draws from a real view (figures first, then the sentences)."""
+    import plotly.graph_objects as go
+
+    slugs = [spec.slug for spec in dash.LAYER_CHARTS]
+    assert len(set(slugs)) == len(slugs) == len(set(dash.LAYER_TABS))
+    assert dash.LAYER_TABS == tuple(spec.title for spec in dash.LAYER_CHARTS)
+    assert set(dash.LEGACY_TAB_ORDER) <= set(slugs)
+    assert dash.DashConfig().tab == slugs[0] and dash.chart_titled(None).slug == slugs[0]
+    keys = [b.key for spec in dash.LAYER_CHARTS for b in spec.blocks if b.kind == "figure"]
+    assert len(set(keys)) == len(keys) == len([k for k in keys if k])
+    drawn = dash.ChartInput(lite_view, lite_view.layer("_bn0"), channel=3, element=2)
+    for spec in dash.LAYER_CHARTS:
+        assert dash.chart(spec.slug) is spec is dash.chart_titled(spec.title)
+        assert spec.blocks[0].kind == "figure"
+        for block in spec.blocks:
+            made = block.make(drawn)
+            assert isinstance(made, go.Figure if block.kind == "figure" else str), spec.slug
+            if block.explains:
+                assert made == dash.EXPLAIN[block.explains]
 
 
 # -- per-layer overrides ----------------------------------------------------------------------
@@ -298,16 +344,18 @@ def test_sampled_points_and_elements_of_every_tensor(lite_report, lite_view):
 
 
 def test_condensing_on_the_pool_equals_condensing_serially(lite_report, lite_view,
-                                                           monkeypatch):
+                                                           monkeypatch, fresh_settings):
     """Layers condensed in parallel (largest first) come back in network order, each
     exactly as a serial condensing makes it."""
     assert dash.condense_workers() == (os.cpu_count() or 1)
     monkeypatch.setenv("BNVIZ_CONDENSE_WORKERS", "1")
-    assert dash.condense_workers() == 1 and dash._condense_pool() is None
+    fresh_settings()
+    assert dash.condense_workers() == 1 and pipeline._condense_pool() is None
     serial = dash.condense_layers(lite_report.layers)
     monkeypatch.setenv("BNVIZ_CONDENSE_WORKERS", "3")
+    fresh_settings()
     pooled = dash.condense_layers(lite_report.layers)
-    assert dash._condense_pool() is not None
+    assert pipeline._condense_pool() is not None
     assert [v.name for v in pooled] == lite_report.layer_names == [v.name for v in serial]
     assert_same_layer_views(serial, pooled)
     assert_same_layer_views(serial, lite_view.layers)
@@ -331,12 +379,14 @@ def assert_same_layer_views(left, right) -> None:
                 assert x == y or (x != x and y != y), f"{a.name}.{f.name}"  # nan == nan
 
 
-def test_condensing_during_the_forward_equals_condensing_after_it(lite, monkeypatch):
+def test_condensing_during_the_forward_equals_condensing_after_it(lite, monkeypatch,
+                                                                 fresh_settings):
     """Layers condensed on a spare core while the network runs are exactly the layers
     condensed from the finished report; most are handed over before the forward ends."""
     monkeypatch.setenv("BNVIZ_CONDENSE_WORKERS", "2")
     monkeypatch.delenv("BNVIZ_OVERLAP", raising=False)
-    pool = dash._overlap_pool()
+    fresh_settings()
+    pool = pipeline._overlap_pool()
     assert pool is not None and dash.overlap_workers() >= 1
     x = bnviz.make_stimulus("image", 96, 4, composition="jitter", name="coffee")
     overlapped = dash.OverlappedCondensing(pool)
@@ -356,22 +406,24 @@ def test_condensing_during_the_forward_equals_condensing_after_it(lite, monkeypa
     assert len(calls) == len(report.layers) - 1
     assert_same_layer_views(view.layers, after.layers)
     monkeypatch.setenv("BNVIZ_OVERLAP", "0")
-    assert dash._overlap_pool() is None
+    fresh_settings()
+    assert pipeline._overlap_pool() is None
     calls.clear()
     dash.compute_view_data(lite, x, "train", "cpu", random_init=False)
     assert calls == []
 
 
-def test_layers_changed_after_the_hand_over_are_condensed_again(monkeypatch):
+def test_layers_changed_after_the_hand_over_are_condensed_again(monkeypatch, fresh_settings):
     """An in-place write after the hand-over, and a layer called twice: the views equal
     those condensed from the finished report, not from the tensors handed over."""
     from tests.test_inspection import _LateWrites
 
     monkeypatch.setenv("BNVIZ_CONDENSE_WORKERS", "2")
+    fresh_settings()
     torch.manual_seed(0)
     net = _LateWrites().eval()
     x = torch.randn(2, 3, 6, 6)
-    overlapped = dash.OverlappedCondensing(dash._overlap_pool())
+    overlapped = dash.OverlappedCondensing(pipeline._overlap_pool())
     report = bnviz.inspect(net, x, "train", keep_tensors=True, tensor_sink=overlapped)
     assert overlapped.stale == {"a", "c"}
     assert overlapped.job("a") is None and overlapped.job("b") is not None
@@ -383,13 +435,15 @@ def test_layers_changed_after_the_hand_over_are_condensed_again(monkeypatch):
     np.testing.assert_array_equal(a.sample_activation, np.maximum(a.sample_native, 0))
 
 
-def test_condensing_during_a_resnet_forward_equals_condensing_after_it(resnet, monkeypatch):
+def test_condensing_during_a_resnet_forward_equals_condensing_after_it(resnet, monkeypatch,
+                                                                      fresh_settings):
     """torchvision's BasicBlock adds the shortcut in place to bn2's output *after* the
     downsample BN has started (the hand-over): those layers are redone, and every view equals
     the one condensed from the finished report."""
     monkeypatch.setenv("BNVIZ_CONDENSE_WORKERS", "2")
+    fresh_settings()
     x = bnviz.make_stimulus("image", SIZE, BATCH, composition="different", name="coffee")
-    overlapped = dash.OverlappedCondensing(dash._overlap_pool())
+    overlapped = dash.OverlappedCondensing(pipeline._overlap_pool())
     report = bnviz.inspect(resnet, x, "train", device="cpu", keep_tensors=True,
                            tensor_sink=overlapped)
     assert {"layer2.0.bn2", "layer3.0.bn2", "layer4.0.bn2"} <= overlapped.stale
@@ -402,13 +456,14 @@ def test_condensing_during_a_resnet_forward_equals_condensing_after_it(resnet, m
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="per-thread priorities are a Linux feature")
-def test_condensing_during_the_forward_only_takes_spare_cpu(monkeypatch):
+def test_condensing_during_the_forward_only_takes_spare_cpu(monkeypatch, fresh_settings):
     """The overlap worker runs at a lower priority (the browser or other sessions' forwards
     come first); the calling thread and the process keep theirs."""
     monkeypatch.setenv("BNVIZ_CONDENSE_WORKERS", "2")
     monkeypatch.delenv("BNVIZ_OVERLAP", raising=False)
+    fresh_settings()
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    worker = dash._overlap_pool().submit(
+    worker = pipeline._overlap_pool().submit(
         lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
     assert worker == max(mine, dash.OVERLAP_NICE)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
@@ -425,7 +480,7 @@ def test_condensing_errors_reach_the_caller_and_stale_work_is_cancelled(monkeypa
     def broken(*tensors):
         raise ValueError("broken layer")
 
-    monkeypatch.setattr(dash, "condense_tensors", broken)
+    monkeypatch.setattr(pipeline, "condense_tensors", broken)
     torch.manual_seed(0)
     net = _LateWrites().eval()
     x = torch.randn(2, 3, 6, 6)
@@ -740,32 +795,35 @@ def test_memory_release_waits_for_idle(lite, monkeypatch):
     """The freed activation memory is handed back only once no forward runs (no timing
     assumed: the timer is inspected and its callback called directly)."""
     calls = []
-    monkeypatch.setattr(dash, "release_memory", lambda: calls.append(1))
-    monkeypatch.setattr(dash, "RELEASE_DELAY_S", 3600.0)
+    monkeypatch.setattr(resources, "release_memory", lambda: calls.append(1))
+    monkeypatch.setattr(resources, "_release_delay", lambda: 3600.0)
     x = bnviz.make_stimulus("uniform", SIZE, 1)
     dash.compute_view_data(lite, x, "eval", "cpu", random_init=False)
     assert dash.release_pending() and calls == []  # not right after the forward
-    dash._forward_started()  # a new forward cancels the pending release ...
+    resources._forward_started()  # a new forward cancels the pending release ...
     assert not dash.release_pending()
-    dash._forward_finished()  # ... and schedules it again when it ends
+    resources._forward_finished()  # ... and schedules it again when it ends
     assert dash.release_pending()
-    with dash._RELEASE_LOCK:
-        dash._RELEASE["timer"].cancel()
-    dash._forward_started()
-    dash._release_when_idle()  # the timer firing while a forward runs: nothing happens
+    with resources._RELEASE_LOCK:
+        resources._RELEASE["timer"].cancel()
+    resources._forward_started()
+    resources._release_when_idle()  # the timer firing while a forward runs: nothing happens
     assert calls == []
-    dash._forward_finished()
-    with dash._RELEASE_LOCK:
-        dash._RELEASE["timer"].cancel()
-    dash._release_when_idle()  # what the timer runs once the server is idle
+    resources._forward_finished()
+    with resources._RELEASE_LOCK:
+        resources._RELEASE["timer"].cancel()
+    resources._release_when_idle()  # what the timer runs once the server is idle
     assert calls == [1] and not dash.release_pending()
 
 
-def test_release_delay_defaults_to_two_minutes_and_follows_the_environment(monkeypatch):
+def test_release_delay_defaults_to_two_minutes_and_follows_the_environment(monkeypatch,
+                                                                           fresh_settings):
     """Long enough that a student reading the charts toggles on a warm heap (measured:
     0.45-0.75 s instead of 0.95-1.37 s on the server); adjustable for small servers."""
     monkeypatch.delenv("BNVIZ_RELEASE_DELAY_S", raising=False)
-    assert dash._release_delay() == 120.0
+    fresh_settings()
+    assert resources._release_delay() == 120.0
     for text, expected in (("15", 15.0), ("0.5", 0.5), ("-3", 0.0), ("soon", 120.0)):
         monkeypatch.setenv("BNVIZ_RELEASE_DELAY_S", text)
-        assert dash._release_delay() == expected, text
+        fresh_settings()
+        assert resources._release_delay() == expected, text

@@ -73,9 +73,10 @@ def test_concurrent_first_imports_never_see_a_half_initialised_module():
 # a half-initialised module: ``AttributeError: partially initialized module 'pandas' has no
 # attribute 'Series'``, the chart's page crashes. Here the table's import is held in the
 # middle (at ``pandas.core.frame``) while the other thread builds and serialises a chart.
+# ``sys.argv[1]``: the module a page imports before drawing (bnviz.figures or bnviz.dashboard).
 PANDAS_RACE = """
 import sys, threading, time
-import bnviz  # noqa: F401 -- every page imports it before drawing anything
+__import__(sys.argv[1])
 peeked = ("numpy", "pandas", "PIL.Image")  # what plotly reads from sys.modules
 assert all(m in sys.modules for m in peeked), [m for m in peeked if m not in sys.modules]
 from bnviz import figures
@@ -103,10 +104,22 @@ print("pandas import held halfway:", inside.is_set())
 
 
 @pytest.mark.slow
-def test_a_chart_drawn_while_another_session_imports_pandas_works():
-    """Importing bnviz imports pandas whole, so no chart ever meets a half-imported one
-    (CI saw the crash when pandas was imported after the first page, for the first table)."""
-    proc = subprocess.run([sys.executable, "-c", PANDAS_RACE], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+@pytest.mark.parametrize("module", ["bnviz.figures", "bnviz.dashboard"])
+def test_a_chart_drawn_while_another_session_imports_pandas_works(module):
+    """Importing the figures (or the dashboard, which uses them) imports pandas and PIL.Image
+    whole, so no chart ever meets a half-imported one (CI saw the crash when pandas was
+    imported after the first page, for the first table)."""
+    proc = subprocess.run([sys.executable, "-c", PANDAS_RACE, module], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pandas import held halfway: False" in proc.stdout
+
+
+def test_headless_use_imports_no_dashboard_code():
+    """``import bnviz`` (the API, the CLI) pays for no chart or page code: the import-order
+    guard above lives with the figures, not in the package."""
+    code = ("import sys, bnviz; print(sorted(m for m in ('plotly', 'streamlit', "
+            "'bnviz.figures', 'bnviz.dashboard') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
