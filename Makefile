@@ -24,13 +24,10 @@ $(KERNEL): $(STAMP) bnviz/csrc/probe.cpp bnviz/probe_kernel.py
 	@$(BIN)/bnviz build-kernel && rm -f $(VENV)/.kernel-* && touch $@ \
 		|| echo "bnviz: continuing with the eager manual-BN check (slower)"
 
-# glibc (Linux): keep freed activation memory for reuse instead of returning every large
-# block to the OS and page-faulting a fresh one on the next forward: ~1.5x faster
-# forwards, ~2x faster keep-all inspections on CPU (BENCHMARKS.md); the process keeps its
-# peak heap. One arena for all threads, so the dashboard's background prefetch reuses the
-# heap the last forward freed instead of growing its own (peak RSS 2.57 -> 1.76 GB, forward
-# speed unchanged; BENCHMARKS.md runs V1-V2). Ignored elsewhere. Override with
-# `make run MALLOC_TUNING=`.
+# glibc (Linux): keep freed activation memory for reuse instead of page-faulting a fresh
+# block on every forward (faster forwards; the process keeps its peak heap), and one arena
+# for all threads, so the background prefetch reuses that heap instead of growing its own
+# (numbers in BENCHMARKS.md). Ignored elsewhere. Override with `make run MALLOC_TUNING=`.
 MALLOC_TUNING ?= MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
 	MALLOC_ARENA_MAX=1
 

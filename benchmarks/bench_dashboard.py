@@ -26,8 +26,8 @@ Usage::
         [--parts cold,interactions,memory] [--prefetch on|off] [--quiet S] [--no-settle]
         [--json out.json]
 
-Prints a markdown table with the load average (pasted into docs/dashboard.md and
-BENCHMARKS.md) and writes the raw numbers as JSON (default:
+Prints a markdown table with the load average (a run goes into benchmarks/results/, its
+table into BENCHMARKS.md and docs/dashboard.md) and writes the raw numbers as JSON (default:
 test-artifacts/bench_dashboard.json). ``--parts`` runs a subset. Timings depend on the
 machine: run it on an otherwise idle one and say which.
 """
@@ -77,7 +77,7 @@ def first_charts(starts: int) -> list[dict]:
     The browser is started, and idle on a blank page, before the server, as a student's
     browser would be: its own start-up is not part of the time. (``--no-settle`` starts
     the server right after the blank page opens, while chromium is still starting up, as
-    the older runs in BENCHMARKS.md did.)"""
+    the runs before Z1 in benchmarks/results/ did.)"""
     out = []
     for _ in range(starts):
         with bs.chromium() as browser:

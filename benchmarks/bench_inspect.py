@@ -1,6 +1,7 @@
 """Plain forward vs full ``bnviz.inspect`` (all BN layers, statistics, manual-vs-native).
 
-Prints a Markdown table (paste it into BENCHMARKS.md). Same process, same input, medians of
+Prints a Markdown table (a run goes into benchmarks/results/, its table into
+BENCHMARKS.md). Same process, same input, medians of
 ``--repeats`` runs taken in turns after a warm-up (ratios: the median over turns of each
 turn's inspect / forward); the baseline forward runs the BN layers in
 the same mode natively. Memory: the bytes of tensors each report holds (stats only:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from chart_preload import preload_chart_code
+from ui.chart_preload import preload_chart_code
 
 st.set_page_config(page_title="bnviz · Pitfall lab", layout="wide")
 preload_chart_code()  # the browser loads plotly.js while this page imports PyTorch
@@ -24,6 +24,7 @@ preload_chart_code()  # the browser loads plotly.js while this page imports PyTo
 # The whole package first: a page opened while another session is still importing bnviz
 # then waits for that import instead of racing into its submodules (tests/test_imports.py).
 import bnviz  # noqa: E402, F401
+import bnviz.figures  # noqa: E402, F401 - pandas and PIL.Image before any chart (see there)
 from bnviz.errors import BnvizError  # noqa: E402
 from bnviz.pitfalls import REGISTRY  # noqa: E402
 

@@ -29,7 +29,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from chart_preload import preload_chart_code
+from ui.chart_preload import preload_chart_code
 
 st.set_page_config(page_title="bnviz · Training lab", layout="wide")
 preload_chart_code()  # the browser loads plotly.js while this page imports PyTorch
@@ -39,6 +39,7 @@ import torch  # noqa: E402
 # The whole package first: a page opened while another session is still importing bnviz
 # then waits for that import instead of racing into its submodules (tests/test_imports.py).
 import bnviz  # noqa: E402, F401
+import bnviz.figures  # noqa: E402, F401 - pandas and PIL.Image before any chart (see there)
 from bnviz.devices import available_devices  # noqa: E402
 from bnviz.errors import BnvizError  # noqa: E402
 from bnviz.training import (  # noqa: E402

@@ -337,7 +337,8 @@ inline double nan_max(double a, double b) { return (std::isnan(a) || a > b) ? a 
 // `layer` of `maxima` (float64 rows: the layer's largest difference, its largest E[y^2], and
 // the largest |manual - native| of its running-stat update).
 //
-// The update check is inspection._manual_updates' (manual_bn.manual_running_update):
+// The update check is bnviz/inspection/layer_reports.py's _manual_updates
+// (manual_bn.manual_running_update):
 //   new = (1 - factor) * before + factor * batch    (batch mean, unbiased variance)
 // from the statistics as the report holds them (float32), in double, against the buffers
 // BatchNorm just wrote (`after_mean`, `after_var`). `before_mean`/`before_var` are the

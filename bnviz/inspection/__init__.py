@@ -31,13 +31,11 @@ How it works, and why (the steps in order: :func:`bnviz.inspection.run._run_on_c
 from __future__ import annotations
 
 # Besides the public names: the tensor_sink API, helpers the dashboard and the pitfall labs
-# use, UsedStatistics (the dashboard's LayerView still inherits it), and internals that
-# benchmarks/bench_inspect.py and tests reach for, all importable from here as before.
+# use, and internals that benchmarks/bench_inspect.py and tests reach for.
 from .copies import _POOL as _POOL
 from .fingerprint import _scan as _scan
 from .layer_reports import _params_report as _params_report
 from .report import InspectionReport, LayerReport, Prediction
-from .report import UsedStatistics as UsedStatistics
 from .run import inspect
 from .run import logits_of as logits_of
 from .run import single_value_error as single_value_error

@@ -341,18 +341,3 @@ def _new_report(fields: dict) -> LayerReport:
 
 _REPORT_FIELDS = {f.name for f in dataclasses.fields(LayerReport)}
 
-
-class UsedStatistics:
-    """``used_mean`` / ``used_var`` for a record with the fields of :class:`LayerReport`.
-
-    Only the dashboard's condensed ``LayerView`` (numpy arrays) still inherits it;
-    :class:`LayerReport` has its own. To be removed once ``LayerView`` defines them itself.
-    """
-
-    @property
-    def used_mean(self):
-        return self.batch_mean if self.stats_used == "batch" else self.running_mean_before
-
-    @property
-    def used_var(self):
-        return self.batch_var if self.stats_used == "batch" else self.running_var_before
