@@ -8,9 +8,8 @@ same label set).
 
 The names ship with bnviz as ``imagenet_classes.txt`` (one per line, 10 KB): a copy of
 torchvision's ``ResNet18_Weights.DEFAULT.meta["categories"]``, which a test checks it
-still equals. Reading it instead of importing torchvision saves ~1.5 s at start-up
-(torchvision pulls in ``torch._dynamo`` and triton) whenever only the default model, which
-does not need torchvision, is used.
+still equals. Reading it avoids importing torchvision (slow: it pulls in ``torch._dynamo``
+and triton) whenever only the default model, which does not need torchvision, is used.
 """
 
 from __future__ import annotations

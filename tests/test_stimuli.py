@@ -154,16 +154,17 @@ def test_photos_load_and_differ():
 
 @pytest.mark.parametrize("name", PHOTOS)
 def test_photos_are_the_pixels_scikit_image_gives(name):
-    """bnviz reads the bundled files with Pillow (skipping the ~0.3 s import of skimage.io);
+    """bnviz reads the bundled files with Pillow (skipping the slow import of skimage.io);
     the arrays must be exactly what ``skimage.data`` returns, and each photo must come from
     that fast path (a renamed file would silently fall back to the slow one)."""
     import skimage.data
 
-    ours = stimuli._load_photo_array(name)
+    ours = stimuli.photos._load_photo_array(name)
     theirs = (skimage.data.stereo_motorcycle()[0] if name == "motorcycle"
               else getattr(skimage.data, name)())
     assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
-    assert os.path.isfile(os.path.join(skimage.data.data_dir, stimuli._PHOTO_FILES[name]))
+    photo_file = stimuli.photos._PHOTO_FILES[name]
+    assert os.path.isfile(os.path.join(skimage.data.data_dir, photo_file))
 
 
 def test_photo_cache_is_not_aliased():
@@ -501,7 +502,7 @@ def test_refuse_truncated_jpeg_bytes(tmp_path):
 
 
 def test_refuse_too_many_bytes(png_file, monkeypatch):
-    monkeypatch.setattr(stimuli, "MAX_IMAGE_BYTES", 100)
+    monkeypatch.setattr(stimuli.files, "MAX_IMAGE_BYTES", 100)
     _raises(png_file, "picture.png")
     _raises(png_file, "limit")
     _raises(png_file.read_bytes(), "limit")
@@ -511,7 +512,7 @@ def test_refuse_too_many_bytes(png_file, monkeypatch):
 def test_byte_cap_checked_before_reading(png_file, monkeypatch):
     import builtins
 
-    monkeypatch.setattr(stimuli, "MAX_IMAGE_BYTES", 100)
+    monkeypatch.setattr(stimuli.files, "MAX_IMAGE_BYTES", 100)
     real_open = builtins.open
 
     def guarded_open(file, *args, **kwargs):
@@ -523,7 +524,7 @@ def test_byte_cap_checked_before_reading(png_file, monkeypatch):
 
 
 def test_refuse_too_many_pixels(png_file, monkeypatch):
-    monkeypatch.setattr(stimuli, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(stimuli.files, "MAX_IMAGE_PIXELS", 100)
     msg = _raises(png_file, "picture.png")
     assert "40×30" in msg and "pixels" in msg
 
