@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from .settings import settings
+
 SOURCE = Path(__file__).with_name("csrc") / "probe.cpp"
 CXX_FLAGS = ("-O3", "-std=c++20", "-fPIC", "-shared", "-Wno-psabi")
 #: Tried first: the check then runs on PyTorch's OpenMP threads. Compilers without OpenMP
@@ -48,7 +50,7 @@ class KernelBuildError(RuntimeError):
 
 def cache_dir() -> Path:
     """Where built kernels live: ``$BNVIZ_CACHE_DIR`` or ``~/.cache/bnviz/kernels``."""
-    root = os.environ.get("BNVIZ_CACHE_DIR")
+    root = settings().cache_dir
     if root:
         return Path(root)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
@@ -138,7 +140,7 @@ def available() -> bool:
 
 
 def _load() -> tuple[bool, str]:
-    if os.environ.get("BNVIZ_PROBE_KERNEL", "1").strip().lower() in {"0", "off", "false", "no"}:
+    if not settings().probe_kernel:
         return False, "turned off by BNVIZ_PROBE_KERNEL"
     path = library_path()
     if not path.exists():

@@ -147,12 +147,15 @@ def test_inspect_reports_which_check_ran_and_both_agree(lite):
                                        rtol=0, atol=2e-4)
 
 
-def test_switch_off_and_build_failures_are_explained(monkeypatch, tmp_path, capsys):
+def test_switch_off_and_build_failures_are_explained(monkeypatch, tmp_path, capsys,
+                                                     fresh_settings):
     monkeypatch.setenv("BNVIZ_PROBE_KERNEL", "0")
+    fresh_settings()
     usable, why = probe_kernel._load()
     assert not usable and "BNVIZ_PROBE_KERNEL" in why
     monkeypatch.delenv("BNVIZ_PROBE_KERNEL")
     monkeypatch.setenv("BNVIZ_CACHE_DIR", str(tmp_path))
+    fresh_settings()
     usable, why = probe_kernel._load()
     assert not usable and "bnviz build-kernel" in why
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
@@ -166,12 +169,14 @@ def test_switch_off_and_build_failures_are_explained(monkeypatch, tmp_path, caps
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     monkeypatch.setenv("BNVIZ_CACHE_DIR", str(blocked / "kernels"))
+    fresh_settings()
     with pytest.raises(probe_kernel.KernelBuildError, match="BNVIZ_CACHE_DIR"):
         probe_kernel.build()
 
 
 @pytest.mark.slow
-def test_a_compiler_without_openmp_still_builds_a_working_check(monkeypatch, tmp_path):
+def test_a_compiler_without_openmp_still_builds_a_working_check(monkeypatch, tmp_path,
+                                                                fresh_settings):
     """Apple's clang has no -fopenmp: the build retries without it (the check then runs on
     the calling thread) and gives the same numbers."""
     compiled_probe_or_skip()
@@ -183,6 +188,7 @@ def test_a_compiler_without_openmp_still_builds_a_working_check(monkeypatch, tmp
     fake.chmod(0o755)
     monkeypatch.setenv("CXX", str(fake))
     monkeypatch.setenv("BNVIZ_CACHE_DIR", str(tmp_path / "kernels"))
+    fresh_settings()
     path = probe_kernel.build()
     assert path.exists() and not list(path.parent.glob("*.log"))
     # Load it in a fresh interpreter (this one has the OpenMP build registered already).
