@@ -541,6 +541,25 @@ def test_bad_link_parameters_are_reported_not_fatal():
     assert charts(at) and errors(at) == []
 
 
+def test_a_link_cannot_name_a_server_file(tmp_path):
+    """?stim=<path> reads no file and says the same for a path that exists and one that
+    does not (the old wording told them apart)."""
+    photo = tmp_path / "photo.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(photo)
+    said = []
+    for stim in (str(photo), str(tmp_path / "missing"), "/etc/passwd", "/etc/nonexistent"):
+        at = run(new_app(stim=stim))
+        warnings = [w.value.replace(stim, "<stim>") for w in at.warning]
+        assert warnings and charts(at) and errors(at) == []
+        assert at.query_params["stim"] != stim  # the view fell back to a generated stimulus
+        said.append(warnings)
+    assert said[0] == said[1] and said[2] == said[3]
+    assert all("does not exist" not in w and "image format" not in w
+               for w in sum(said, []))
+
+
 def test_exports(captured_files):
     at = run(new_app(seed="104"))
     stem = "bnviz_efficientnet_lite0_train_image-name-chelsea"

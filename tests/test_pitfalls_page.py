@@ -80,6 +80,31 @@ def test_explain_controls_change_the_result():
     assert at.error and "nonsense-kind" in at.error[0].value
 
 
+def test_the_stimulus_box_takes_no_server_path(tmp_path, monkeypatch):
+    """A path typed into the Settings' stimulus box is refused before anything is read, with
+    the same words whether the file exists or not."""
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(photo)
+    import bnviz.stimuli.batch as batch
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("a file was opened for a stimulus typed in the browser")
+
+    monkeypatch.setattr(batch, "load_image", no_read)
+    said = []
+    for text in (str(photo), str(tmp_path / "missing.png"), f"file:{photo}"):
+        at = _app("explain").run()
+        at.text_input(key="explain:stimulus").set_value(text).run()
+        assert not at.exception, [e.value for e in at.exception]
+        messages = [e.value for e in at.error]
+        assert messages and "Files cannot be named here" in messages[0]
+        assert str(tmp_path) not in messages[0]
+        said.append(messages[0])
+    assert said[0] == said[1] == said[2]
+
+
 class _Upload:
     """What st.file_uploader returns: a name and the bytes."""
 

@@ -549,3 +549,20 @@ def test_file_stimulus_errors_name_the_file(tmp_path):
         make_stimulus("file", SIZE, path=tmp_path / "ghost.png")
     with pytest.raises(StimulusError, match="ghost.png"):
         make_stimulus_from_spec(f"file:{tmp_path / 'ghost.png'}", SIZE)
+
+
+@pytest.mark.parametrize("text", ["/etc/passwd", "/surely/missing/x.png", "file:/etc/passwd",
+                                  "photo.jpg", "~/cat.png", "./here", "C:\\cat.png"])
+def test_text_from_a_browser_never_names_a_file(text, monkeypatch):
+    """files=False (links, text boxes): one message for every path, and the file system is
+    never asked whether it exists."""
+    def no_fs(*args, **kwargs):
+        raise AssertionError("the file system was consulted")
+
+    monkeypatch.setattr(os.path, "exists", no_fs)
+    with pytest.raises(StimulusError) as err:
+        parse_stimulus_spec(text, files=False)
+    assert str(err.value) == str(stimuli.spec.NO_FILES)
+    assert parse_stimulus_spec("image:chelsea", files=False) == ("image", {"name": "chelsea"})
+    with pytest.raises(StimulusError, match="Unknown stimulus kind"):
+        parse_stimulus_spec("nonsense-kind", files=False)

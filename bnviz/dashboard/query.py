@@ -169,7 +169,7 @@ def config_from_query(query: Mapping[str, Any],
             changes["stimulus"], changes["params"] = UPLOAD_KIND, ()
         else:
             try:
-                kind, params = parse_stimulus_spec(text)
+                kind, params = parse_stimulus_spec(text, files=False)
                 if kind not in STIMULUS_WIDGETS:
                     raise StimulusError(f"kind {kind!r} is not offered by the dashboard",
                                         "upload the file instead")

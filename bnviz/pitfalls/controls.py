@@ -94,7 +94,7 @@ def stimulus_inputs(st: Any, name: str, inputs: StimulusInputs) -> dict[str, Any
     """Model, weights, layer, stimulus, batch composition and size, image size, device."""
     from ..devices import available_devices
     from ..models import list_models
-    from ..stimuli import COMPOSITIONS
+    from ..stimuli import COMPOSITIONS, parse_stimulus_spec
 
     models = list(inputs.models) or list_models()
     cols = st.columns(3)
@@ -118,6 +118,9 @@ def stimulus_inputs(st: Any, name: str, inputs: StimulusInputs) -> dict[str, Any
         "Stimulus", inputs.stimulus, key=f"{name}:stimulus",
         help="uniform (all ones), uniform:value=0.5, image:chelsea, image:coffee, noise:seed=1",
     )
+    # Text from the browser: never a server path (the check reads no file; run() then
+    # parses the same text the same way).
+    parse_stimulus_spec(out["stimulus"], files=False)
     out["composition"] = cols[1].selectbox(
         "Batch composition", COMPOSITIONS, index=COMPOSITIONS.index(inputs.composition),
         key=f"{name}:composition")

@@ -41,7 +41,23 @@ def _looks_like_path(text: str) -> bool:
     return os.path.exists(os.path.expanduser(text)) or text.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def parse_stimulus_spec(spec: str) -> tuple[str, dict]:
+def _names_a_file(text: str) -> bool:
+    """Whether ``text`` reads as a file name or path, judged from the text alone."""
+    return (any(c in text for c in "/\\") or text.startswith(("~", "."))
+            or text.lower().endswith(IMAGE_EXTENSIONS))
+
+
+#: What a link or a text box in the browser gets for anything that names a file: one fixed
+#: message, so it cannot tell which paths exist on the server.
+NO_FILES = StimulusError(
+    "Files cannot be named here: a link or a text box only takes generated stimuli and the "
+    "bundled photos.",
+    "upload the image instead, or write e.g. image:chelsea, uniform:value=0.5 or "
+    "grating:orientation=45,frequency=4.",
+)
+
+
+def parse_stimulus_spec(spec: str, *, files: bool = True) -> tuple[str, dict]:
     """Parse a ``--stimulus`` string into ``(kind, params)``.
 
     Forms: ``uniform``; ``uniform:value=0.5``; ``grating:orientation=45,frequency=4``;
@@ -54,6 +70,9 @@ def parse_stimulus_spec(spec: str) -> tuple[str, dict]:
     a "does not exist" error rather than "unknown kind". Values are parsed as int, then
     float, then left as strings. Names and values are validated (except bounds that depend
     on the image size, which :func:`make_stimulus` checks).
+
+    ``files=False`` is for text from a browser (a link, a text box): it never looks at the
+    file system, and a ``file`` spec or anything that reads as a path gets :data:`NO_FILES`.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise StimulusError(f"Empty or invalid stimulus spec {spec!r}.", _SPEC_FIX)
@@ -61,7 +80,10 @@ def parse_stimulus_spec(spec: str) -> tuple[str, dict]:
     head, sep, rest = text.partition(":")
     kind = head.strip().lower()
     if kind not in STIMULUS_KINDS:
-        if _looks_like_path(text):
+        if not files:
+            if _names_a_file(text):
+                raise NO_FILES
+        elif _looks_like_path(text):
             return "file", {"path": text}
         raise StimulusError(
             f"Unknown stimulus kind {head.strip()!r} in spec {spec!r}.",
@@ -69,6 +91,8 @@ def parse_stimulus_spec(spec: str) -> tuple[str, dict]:
             "(e.g. grating:orientation=45,frequency=4), or a path to an image file.",
         )
     if kind == "file":
+        if not files:
+            raise NO_FILES
         path = rest.strip()
         if path.startswith("path="):
             path = path[len("path="):].strip()
