@@ -352,8 +352,8 @@ def view_layer(view: dash.ViewData, overrides: dict) -> dash.LayerView:
     if ss.get("layer") not in names:
         request = ss.pop("_layer_request", "")
         if request and request not in names:
-            st.warning(f"The link names layer {request!r}, which {view.model} does not have; "
-                       f"showing {names[0]!r}.")
+            st.warning(f"The link names layer {dash.literal(request)}, which {view.model} "
+                       f"does not have; showing {dash.literal(names[0])}.")
         ss["layer"] = request if request in names else names[0]
     st.selectbox("Layer", names, key="layer",
                  format_func=lambda n: f"{view.layer(n).index}: {n}")

@@ -528,17 +528,46 @@ def test_an_old_link_with_a_chart_index_opens_the_same_chart():
     assert by_index.query_params["tab"] == "feature-maps"
     assert [w.value for w in by_index.warning] == []
     unknown = run(new_app(seed="106", tab="histograms"))
-    assert any("tab='histograms'" in w.value for w in unknown.warning)
+    assert any("tab=`'histograms'`" in w.value for w in unknown.warning)
     assert unknown.session_state["layer_tab"] == dash.LAYER_TABS[0] and charts(unknown)
 
 
 def test_bad_link_parameters_are_reported_not_fatal():
     at = run(new_app(model="resnet19", mode="sideways", layer="_bn99"))
     warnings = [w.value for w in at.warning]
-    assert any("model='resnet19'" in w for w in warnings)
-    assert any("mode='sideways'" in w for w in warnings)
+    assert any("model=`'resnet19'`" in w for w in warnings)
+    assert any("mode=`'sideways'`" in w for w in warnings)
     assert any("'_bn99'" in w for w in warnings)
     assert charts(at) and errors(at) == []
+
+
+INJECTION = ("**Session expired** [log in](http://evil.example) "
+             "![](http://127.0.0.1:9/pixel.png)")
+
+
+def _outside_code_spans(markdown: str) -> str:
+    return re.sub(r"(`+).*?\1", "", markdown)
+
+
+@pytest.mark.parametrize("key", ["layer", "model", "ov", "stim"])
+def test_link_text_is_shown_as_text(key):
+    """A value from a link is shown literally (in a code span, never as a link or an image)
+    and cut short; the page keeps working."""
+    at = run(new_app(**{key: INJECTION}))
+    shown = [w.value for w in at.warning if "Session expired" in w.value]
+    assert shown, [w.value for w in at.warning]
+    for text in shown:
+        # Outside code spans every Markdown character of the value is escaped: no link, no
+        # image, no emphasis can form.
+        rest = _outside_code_spans(text)
+        assert re.search(r"(?<!\\)[\[\]!*]", rest) is None, rest
+    assert charts(at) and errors(at) == []
+
+
+def test_a_huge_link_value_is_cut():
+    at = run(new_app(layer="x" * 100_000, model="y" * 100_000))
+    assert at.warning and all(len(w.value) < 1_000 for w in at.warning)
+    assert charts(at)
 
 
 def test_a_link_cannot_name_a_server_file(tmp_path):

@@ -161,7 +161,7 @@ def test_an_unknown_chart_in_a_link_is_reported(value):
     cfg, problems = dash.config_from_query({"tab": value})
     assert cfg.tab == dash.DashConfig().tab
     assert len(problems) == 1
-    assert problems[0].startswith(f"Ignored link parameter tab={value!r}")
+    assert problems[0].startswith(f"Ignored link parameter tab=`{value!r}`")
 
 
 def test_the_chart_registry(lite_view):

@@ -67,6 +67,7 @@ from .config import (
     default_params,
     make_params,
 )
+from .literal import literal, plain
 from .overrides import (
     OVERRIDE_COLUMNS,
     apply_editor_state,
@@ -140,6 +141,8 @@ from .uploads import describe_config_stimulus, make_batch, store_upload
 from .views import LayerView, ViewData, layer_view, literal_bn, prediction_rows, strip_tensors
 
 __all__ = [
+    "literal",
+    "plain",
     "Block",
     "ChartInput",
     "ChartSpec",

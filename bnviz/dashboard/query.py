@@ -29,6 +29,7 @@ from .config import (
     RowOverride,
     make_params,
 )
+from .literal import literal, plain
 from .overrides import check_row
 from .uploads import UNSAFE_NAME
 
@@ -145,7 +146,8 @@ def config_from_query(query: Mapping[str, Any],
     q = {k: _first(v) for k, v in query.items() if k in _QUERY_KEYS}
 
     def bad(key: str, why: str, kept: Any) -> None:
-        problems.append(f"Ignored link parameter {key}={q[key]!r} ({why}); using {kept!r}.")
+        problems.append(f"Ignored link parameter {key}={literal(q[key])} ({plain(why)}); "
+                        f"using {literal(kept)}.")
 
     if "model" in q:
         name = q["model"].strip().lower().replace("-", "_")
