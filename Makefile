@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 KERNEL := $(VENV)/.kernel-$(shell cat bnviz/csrc/probe.cpp bnviz/probe_kernel.py | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint bench browser-deps kernel
+.PHONY: run test lint bench browser-deps kernel serve-class
 
 kernel: $(KERNEL)
 
@@ -33,6 +33,16 @@ MALLOC_TUNING ?= MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=429496
 
 run: $(KERNEL)
 	$(MALLOC_TUNING) $(BIN)/streamlit run app.py
+
+# A class: REPLICAS Streamlit processes behind nginx on PORT (installed with apt-get when
+# missing), cookie session affinity; ADDRESS=0.0.0.0 lets other machines in. README,
+# "Hosting for a class". Ctrl-C stops everything.
+REPLICAS ?= 2
+PORT     ?= 8501
+ADDRESS  ?= 127.0.0.1
+serve-class: $(KERNEL)
+	$(MALLOC_TUNING) $(BIN)/bnviz serve-class --replicas $(REPLICAS) --port $(PORT) \
+		--address $(ADDRESS)
 
 browser-deps:
 	@bash scripts/ensure_chromium.sh

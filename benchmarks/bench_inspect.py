@@ -9,7 +9,11 @@ per-channel vectors; keep-all: every layer's input, output and activation output
 storage counted once). The manual-vs-native check is the compiled probe when it is built
 (``bnviz build-kernel``), else eager torch ops; ``BNVIZ_PROBE_KERNEL=0`` forces eager.
 
-    python benchmarks/bench_inspect.py [--repeats 7] [--models efficientnet_lite0 resnet18]
+    python benchmarks/bench_inspect.py [--repeats 7] [--models efficientnet_lite0 resnet18
+        timm:efficientnet_b0]
+
+Models that cannot get their pretrained weights offline run with a random init: timing
+does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -119,7 +123,9 @@ def report_mb(report) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet18"])
+    # timm:efficientnet_b0: timm's BatchNormAct2d, measured before its own in-place SiLU
+    parser.add_argument("--models", nargs="+",
+                        default=["efficientnet_lite0", "resnet18", "timm:efficientnet_b0"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--modes", nargs="+", default=["eval", "train"])
     parser.add_argument("--devices", nargs="+", default=None)

@@ -14,6 +14,8 @@ Every number comes from PyTorch itself or from an independent implementation che
 against it (:mod:`bnviz.manual_bn`); the caller's model is never modified unless asked.
 """
 
+from .bn_check import check_batchnorm
+from .compare import compare, compare_predictions
 from .devices import resolve_device
 from .errors import (
     BnvizError,
@@ -25,6 +27,7 @@ from .errors import (
     UnknownModelError,
     WeightsUnavailableError,
 )
+from .hosting.serve import serve
 from .inspection import InspectionReport, LayerReport, Prediction, inspect
 from .manual_bn import batch_stats, manual_batch_norm, manual_running_update
 from .models import DEFAULT_MODEL, LoadedModel, list_models, load_model, weights_status
@@ -49,6 +52,9 @@ __all__ = [
     "UnknownModelError",
     "WeightsUnavailableError",
     "batch_stats",
+    "check_batchnorm",
+    "compare",
+    "compare_predictions",
     "inspect",
     "list_models",
     "load_model",
@@ -59,7 +65,17 @@ __all__ = [
     "parse_mode",
     "parse_stimulus_spec",
     "resolve_device",
+    "serve",
     "stats_used",
     "updates_running_stats",
     "weights_status",
 ]
+
+
+def __getattr__(name: str):
+    # bnviz.plot loads plotly, which ``import bnviz`` must not: it is imported on first use.
+    if name == "plot":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.plot")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``bnviz`` command line: ``models``, ``inspect``, ``build-kernel``, ``pitfalls <name>``,
-``train``.
+``train``, ``serve``, ``serve-class``, ``check-bn``.
 
 User errors (unknown model or layer, bad mode, unreadable image, missing weights, no CUDA)
 print one line ``bnviz: error: <problem> Fix: <fix>`` on stderr and exit with status 2,
@@ -9,15 +9,16 @@ never a traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
 from .errors import BnvizError
+from .serialize import to_json
 
 EXIT_USER_ERROR = 2
 #: Modules that add subcommands through ``register_cli(subparsers)``.
-PLUGINS = ("bnviz.pitfalls.cli", "bnviz.training")
+PLUGINS = ("bnviz.pitfalls.cli", "bnviz.training", "bnviz.hosting.replicas",
+           "bnviz.hosting.serve", "bnviz.bn_check.cli")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write_json(payload: dict | str, target: str) -> None:
-    text = payload if isinstance(payload, str) else json.dumps(payload, indent=2, allow_nan=False)
+    text = payload if isinstance(payload, str) else to_json(payload, indent=2)
     if target == "-":
         sys.stdout.write(text + "\n")
         return
@@ -146,14 +147,23 @@ def cmd_inspect(args) -> int:
     from .inspection import inspect
     from .models import DEFAULT_MODEL, load_model
     from .modes import bn_layers, parse_mode
-    from .stimuli import make_stimulus_from_spec
+    from .stimuli import MAX_SIZE, MIN_SIZE, make_stimulus_from_spec
+    from .validation import check_int
 
     if args.batch_size < 1:
         raise BnvizError(f"--batch-size must be >= 1, got {args.batch_size}.",
                          "pass a positive batch size.")
+    # checked before any model is loaded (or downloaded); an empty or zero value is an
+    # error, never a silent default
+    if args.size is not None:
+        check_int("--size", args.size, MIN_SIZE, MAX_SIZE,
+                  f"pass an image size in pixels from {MIN_SIZE} to {MAX_SIZE}, or leave "
+                  "--size out for the model's own.")
+    top_k = check_int("--top-k", args.top_k, 1, 1000,
+                      "pass how many predictions to list per image, e.g. --top-k 5.")
     weights = None if args.weights in ("random", "none") else args.weights
-    model = load_model(args.model or DEFAULT_MODEL, weights=weights)
-    size = args.size or model.preprocess.input_size
+    model = load_model(DEFAULT_MODEL if args.model is None else args.model, weights=weights)
+    size = model.preprocess.input_size if args.size is None else args.size
     x = make_stimulus_from_spec(args.stimulus, size=size, batch_size=args.batch_size,
                                 composition=args.composition, seed=args.seed)
     modes: str | dict | None = None
@@ -168,7 +178,7 @@ def cmd_inspect(args) -> int:
     elif layer_modes:
         modes = layer_modes
     report = inspect(model, x, modes=modes, device=args.device, keep_tensors=False,
-                     top_k=args.top_k)
+                     top_k=top_k)
     if args.json:
         _write_json(report.to_json(), args.json)
         return 0
@@ -195,8 +205,12 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_build_kernel(args) -> int:
-    from .probe_kernel import KernelBuildError, build, status
+    from .probe_kernel import KernelBuildError, build, library_path, status, verify
 
+    existing = library_path()
+    problem = verify(existing) if existing.exists() else None
+    if problem is not None:  # never loaded: a truncated library kills the process (SIGBUS)
+        print(f"bnviz: rebuilding the compiled probe {existing}: {problem}", file=sys.stderr)
     try:
         path = build(verbose=args.verbose)
     except KernelBuildError as exc:

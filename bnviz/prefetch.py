@@ -74,12 +74,26 @@ class JobSignal(threading.Event):
     waits for this very result, or when the signal is set.
     """
 
-    def __init__(self, pause: Callable[[], None]) -> None:
+    def __init__(self, pause: Callable[[], None],
+                 overtake: Callable[[], None] | None = None,
+                 wanted: Callable[[], bool] | None = None) -> None:
         super().__init__()
         self._pause = pause
+        self._overtake = overtake if overtake is not None else self.set
+        self._wanted = wanted if wanted is not None else (lambda: False)
 
     def pause_while_busy(self) -> None:
         self._pause()
+
+    def overtaken(self) -> None:
+        """A run somebody waits for needs the slot this job holds (the server's run queue
+        says so): stop, unless somebody waits for this very result."""
+        self._overtake()
+
+    def wanted(self) -> bool:
+        """Whether somebody waits for this very result (it is then no longer work that
+        nobody waits for)."""
+        return self._wanted()
 
 
 def lower_thread_priority(nice: int = PREFETCH_NICE) -> None:
@@ -156,7 +170,8 @@ class Prefetcher:
             if self._pending is not None:
                 self.counts["replaced"] += 1
             job = _Job(key, compute)
-            job.cancel = JobSignal(lambda: self._pause(job))
+            job.cancel = JobSignal(lambda: self._pause(job), lambda: self._overtake(job),
+                                   lambda: job.waiters > 0)
             self._pending = job
             self.counts["scheduled"] += 1
             if self._thread is None:
@@ -207,6 +222,13 @@ class Prefetcher:
                 self._cond.wait(left)
             if paused:
                 self.counts["paused"] += 1
+
+    def _overtake(self, job: _Job) -> None:
+        """:meth:`JobSignal.overtaken` of ``job``."""
+        with self._cond:
+            if job.waiters == 0 and not job.cancel.is_set():
+                job.cancel.set()
+                self._cond.notify_all()  # a paused job stops now
 
     # -- getting results ---------------------------------------------------------------------
 

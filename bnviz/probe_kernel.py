@@ -19,12 +19,19 @@ process always use the same code, so their numbers are identical to the last bit
 a compiler, on CUDA, for dtypes other than float32 or non-contiguous tensors, the eager
 path runs instead: same quantities, more passes. ``BNVIZ_PROBE_KERNEL=0`` turns the
 compiled path off.
+
+The build writes the library's size and sha256 next to it (``<library>.json``), and a
+library is loaded only when it still matches that record: loading a truncated or damaged
+shared library can kill the whole process with SIGBUS (in the dashboard, the server of every
+student). A library that does not match is never loaded; ``inspect`` then uses the eager
+check and says so in one line on stderr, and ``bnviz build-kernel`` rebuilds it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -71,14 +78,63 @@ def library_path() -> Path:
     return cache_dir() / f"bnviz_probe-{key.hexdigest()[:16]}.so"
 
 
+def record_path(library: Path) -> Path:
+    """The build record next to ``library``: its size and sha256 when it was built."""
+    return library.with_name(library.name + ".json")
+
+
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _write_record(library: Path) -> None:
+    """Record ``library``'s size and sha256 (temporary name + rename, like the library)."""
+    record = {"size": library.stat().st_size, "sha256": _sha256(library),
+              "torch": torch.__version__}
+    with tempfile.NamedTemporaryFile("w", dir=library.parent, suffix=".json.tmp",
+                                     delete=False) as tmp:
+        json.dump(record, tmp)
+    os.replace(tmp.name, record_path(library))
+
+
+def verify(library: Path) -> str | None:
+    """None when ``library`` is exactly the file its build recorded; else why not (a phrase).
+
+    Only the size and hash are read, never the library itself: a truncated library would
+    crash the process as it is mapped.
+    """
+    try:
+        record = json.loads(record_path(library).read_text())
+        size, digest = int(record["size"]), str(record["sha256"])
+    except FileNotFoundError:
+        return "it has no build record (built by an older bnviz, or not by bnviz)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its build record cannot be read"
+    try:
+        actual = library.stat().st_size
+        if actual != size:
+            return f"it has {actual} bytes where its build wrote {size} (truncated or replaced)"
+        if _sha256(library) != digest:
+            return "its sha256 differs from the one recorded at its build (damaged or replaced)"
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror})"
+    return None
+
+
 def build(verbose: bool = False) -> Path:
-    """Compile the probe if this version is not built yet; return the library's path.
+    """Compile the probe unless this version is built and verified; return the library's path.
 
     Written to a temporary name and renamed, so a concurrent build or a crash never leaves
-    a half-written library where a process would load it.
+    a half-written library where a process would load it; a library that fails
+    :func:`verify` is rebuilt (the rename gives it a new file, so processes that have the
+    old one loaded keep working).
     """
     target = library_path()
-    if target.exists():
+    if target.exists() and verify(target) is None:
         return target
     cxx = _compiler()
     if cxx is None:
@@ -111,6 +167,7 @@ def build(verbose: bool = False) -> Path:
                                        "install g++ or set CXX") from exc
             if done.returncode == 0:
                 os.replace(partial, target)
+                _write_record(target)
                 return target
             log_text += " ".join(cmd) + "\n\n" + done.stdout + done.stderr + "\n"
         log = target.with_suffix(".log")
@@ -126,11 +183,18 @@ _state: dict[str, object] = {}
 
 
 def status() -> tuple[bool, str]:
-    """(usable, why): whether this process uses the compiled probe, decided on first call."""
+    """(usable, why): whether this process uses the compiled probe, decided on first call.
+
+    A library that fails :func:`verify` is not loaded; one line on stderr says so (once per
+    process: the CLI's user and the server's log both see it).
+    """
     if "usable" not in _state:
         with _lock:
             if "usable" not in _state:
-                _state["usable"], _state["why"] = _load()
+                usable, why, refused = _checked_load()
+                if refused:
+                    print(f"bnviz: {why}", file=sys.stderr, flush=True)
+                _state["usable"], _state["why"] = usable, why
     return bool(_state["usable"]), str(_state["why"])
 
 
@@ -140,11 +204,21 @@ def available() -> bool:
 
 
 def _load() -> tuple[bool, str]:
+    usable, why, _ = _checked_load()
+    return usable, why
+
+
+def _checked_load() -> tuple[bool, str, bool]:
+    """(usable, why, refused): refused when a library is there but fails :func:`verify`."""
     if not settings().probe_kernel:
-        return False, "turned off by BNVIZ_PROBE_KERNEL"
+        return False, "turned off by BNVIZ_PROBE_KERNEL", False
     path = library_path()
     if not path.exists():
-        return False, "not built (run `bnviz build-kernel`; `make` does it)"
+        return False, "not built (run `bnviz build-kernel`; `make` does it)", False
+    problem = verify(path)
+    if problem is not None:
+        return False, (f"the compiled probe {path} was not loaded: {problem}; using the eager "
+                       "check (same numbers, slower) until 'bnviz build-kernel' rebuilds it"), True
     try:
         if not hasattr(torch.ops.bnviz, "probe"):
             torch.ops.load_library(str(path))
@@ -152,8 +226,8 @@ def _load() -> tuple[bool, str]:
         torch.ops.bnviz.probe  # noqa: B018
         torch.ops.bnviz.probe_into  # noqa: B018
     except (OSError, RuntimeError, AttributeError) as exc:
-        return False, f"could not load {path.name}: {exc}"
-    return True, f"compiled ({path})"
+        return False, f"could not load {path.name}: {exc}", False
+    return True, f"compiled ({path})", False
 
 
 @contextlib.contextmanager

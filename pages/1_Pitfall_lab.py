@@ -1,7 +1,8 @@
 """Pitfall lab: the classic BatchNorm confusions, reproduced live on real networks.
 
 The page is generic: it lists every experiment of :data:`bnviz.pitfalls.EXPERIMENTS` and, for
-the selected one (``?experiment=<name>``), shows the story, the plain-language explanation,
+the selected one (``?experiment=<name>``, with its settings under their ``run()`` keywords:
+``&model=resnet18&layer=bn1``), shows the story, the plain-language explanation,
 the experiment's controls (drawn by :mod:`bnviz.pitfalls.controls`), a verdict computed from
 PyTorch's own numbers, the table and the figures. Runs are cached per (experiment, settings)
 with ``st.cache_data`` so revisiting is instant. The explainer (experiment 1) additionally
@@ -17,16 +18,23 @@ import pandas as pd
 import streamlit as st
 
 from ui.chart_preload import preload_chart_code
+from ui.errors import report_uncaught
+from ui.navigation import run_through_the_app
 
 st.set_page_config(page_title="bnviz · Pitfall lab", layout="wide")
+run_through_the_app()  # named in the page list (ui/navigation.py)
 preload_chart_code()  # the browser loads plotly.js while this page imports PyTorch
+report_uncaught("running the Pitfall lab")
 
 # The whole package first: a page opened while another session is still importing bnviz
 # then waits for that import instead of racing into its submodules (tests/test_imports.py).
 import bnviz  # noqa: E402, F401
 import bnviz.figures  # noqa: E402, F401 - pandas and PIL.Image before any chart (see there)
+from bnviz.dashboard.literal import literal, message, plain  # noqa: E402
+from bnviz.dashboard.texts import format_momentum  # noqa: E402
 from bnviz.errors import BnvizError  # noqa: E402
 from bnviz.pitfalls import REGISTRY  # noqa: E402
+from bnviz.pitfalls.controls import UrlSettings, draw_controls, settings_query  # noqa: E402
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -96,7 +104,10 @@ def user_output_section(experiment, kwargs: dict, result) -> None:
                        file_name=f"bnviz-{data['layer']}-input.npy",
                        mime="application/octet-stream", key="explain:input-npy")
     with st.expander(f"Layer parameters for channel {data['channel']}"):
-        st.json({"eps": data["eps"], "momentum": data["momentum"], **data["channel_params"]})
+        momentum = data["momentum"]  # 0.01, not 0.010000000000000009 (1 - 0.99)
+        st.json({"eps": data["eps"],
+                 "momentum": None if momentum is None else float(format_momentum(momentum)),
+                 **data["channel_params"]})
     upload = st.file_uploader("Your output (.npy or .csv)", type=["npy", "csv", "txt"],
                               key="explain:upload")
     if upload is None:
@@ -104,8 +115,8 @@ def user_output_section(experiment, kwargs: dict, result) -> None:
     try:
         array = load_user_output(upload.getvalue(), upload.name)
         mine = run_cached("explain", {**kwargs, "user_output": array})
-    except BnvizError as exc:
-        st.error(str(exc))
+    except BnvizError as exc:  # it may quote the file's name: shown as typed, never rendered
+        st.error(message(str(exc), [upload.name]))
         return
     user = mine.data["user"]
     box = st.success if user["explained_by"] else st.warning
@@ -125,9 +136,25 @@ st.markdown(
 )
 
 names = list(REGISTRY)
-wanted = st.query_params.get("experiment")
+# The experiment and its settings live in the address: a link (the main page's "Why
+# doesn't my manual BN match?", say) opens them, and every change is written back.
+given = st.query_params.to_dict()
+wanted = given.get("experiment")
+if "pitfall:experiment" not in st.session_state and wanted is not None:
+    if wanted in names:
+        st.session_state["pitfall:experiment"] = wanted
+    else:
+        st.warning(f"Ignored link parameter experiment={literal(wanted)} (use one of "
+                   f"{plain(', '.join(names))}); showing {literal(names[0])}.")
+
+
+def experiment_changed() -> None:
+    """Another experiment: its own settings start from their defaults, not from the link's."""
+    st.query_params.clear()
+
+
 name = st.selectbox(
-    "Experiment", names, index=names.index(wanted) if wanted in names else 0,
+    "Experiment", names, on_change=experiment_changed,
     format_func=lambda n: f"{names.index(n) + 1}. {REGISTRY[n].title}  ({n})",
     key="pitfall:experiment",
 )
@@ -136,12 +163,22 @@ st.header(experiment.title)
 st.markdown(f"> {experiment.story}")
 st.markdown(experiment.explanation)
 
-with st.expander("Settings", expanded=False):
+url = UrlSettings({k: v for k, v in given.items() if k != "experiment"}, st.session_state)
+# Open when the session started from a link with settings (the main page's explain link):
+# fixed for the session, since the page writes its settings into the address on every run.
+st.session_state.setdefault("pitfall:linked", bool(url.given))
+with st.expander("Settings", expanded=st.session_state["pitfall:linked"]):
     try:
-        kwargs = experiment.controls(st)
+        kwargs = draw_controls(st, name, experiment.page, url)
     except BnvizError as exc:
         st.error(str(exc))
         kwargs = {}
+for keyword, text, why in url.ignored:
+    st.warning(f"Ignored link parameter {plain(keyword)}={literal(text)} ({plain(why)}); "
+               "using the default.")
+address = {"experiment": name, **settings_query(kwargs)}
+if st.query_params.to_dict() != address:
+    st.query_params.from_dict(address)
 
 try:
     with st.spinner(f"Running '{experiment.title}' ..."):

@@ -8,31 +8,42 @@ tables are pure functions of its result (:mod:`bnviz.training.figures`,
 :mod:`bnviz.training.tables`), so a headless run with the same configuration gives the same
 numbers. This page only lays out the widgets and places what the core returns.
 
-How it stays live without blocking anyone: Start launches a
-:class:`bnviz.training.TrainingJob`, i.e. ``train_lab`` in a background thread owned by this
-browser session (kept in ``st.session_state``), and returns at once. While the job runs, a
-fragment reruns every second and redraws the charts from the job's latest snapshot; the
-rest of the page stays responsive (the display controls work during a run). Stop sets the
-job's ``should_stop`` flag: training ends after the current step, evaluates once more and
-is marked stopped. torch releases the GIL inside its ops and each job trains with one CPU
-thread (``TrainConfig.threads``), so the jobs of several sessions share the cores instead of
-stalling each other. The finished job stays in the session state: reruns redraw, they never
-retrain.
+How it stays live without blocking anyone: Start hands the run to the server's
+:class:`bnviz.training.JobBoard`, which trains it in a background thread
+(:class:`bnviz.training.TrainingJob`, kept in ``st.session_state``) or queues it while the
+server's training slots are taken (``BNVIZ_TRAINING_JOBS``), and returns at once. One run
+per session: Start during a run says so instead of restarting it. While the job waits or
+runs, a fragment reruns every second for the status line and asks for a full redraw when
+the job has published new numbers, at most every ``BNVIZ_TRAINING_REDRAW_S`` seconds
+(building the six figures is the costliest part of the page); the display controls work
+during a run. Stop sets the job's ``should_stop`` flag: training ends after the current
+step, evaluates once more and is marked stopped (a queued job leaves the queue). The job
+carries a check that this browser session is still connected, so when the tab is closed
+the board stops it within seconds. Jobs never change torch's thread count: they train with
+the count the server fixed at start. The finished job stays in the session state: reruns
+redraw, they never retrain.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+from streamlit import runtime
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from ui.chart_preload import preload_chart_code
+from ui.errors import report_uncaught, show_unexpected
+from ui.navigation import run_through_the_app
 
 st.set_page_config(page_title="bnviz · Training lab", layout="wide")
+run_through_the_app()  # named in the page list (ui/navigation.py)
 preload_chart_code()  # the browser loads plotly.js while this page imports PyTorch
+report_uncaught("running the Training lab")
 
 import torch  # noqa: E402
 
@@ -42,6 +53,7 @@ import bnviz  # noqa: E402, F401
 import bnviz.figures  # noqa: E402, F401 - pandas and PIL.Image before any chart (see there)
 from bnviz.devices import available_devices  # noqa: E402
 from bnviz.errors import BnvizError  # noqa: E402
+from bnviz.settings import settings  # noqa: E402
 from bnviz.training import (  # noqa: E402
     LAYERS,
     VARIANT_DESCRIPTIONS,
@@ -49,6 +61,7 @@ from bnviz.training import (  # noqa: E402
     TrainConfig,
     TrainingJob,
     TrainResult,
+    default_board,
     parse_momenta,
 )
 from bnviz.training.figures import lab_figures  # noqa: E402
@@ -58,11 +71,11 @@ MOMENTUM_CHOICES = ["0.1", "0.01", "None", "0.3", "0.001"]
 BATCH_SIZES = [2, 4, 8, 16, 32, 64, 128]
 MAX_STEPS = 3000
 JOB_KEY = "tl_job"
-# While a job runs the status line refreshes every second; the charts are redrawn when the
-# job has published new numbers, at most every two seconds (building six plotly figures
-# takes CPU time that the training would otherwise use).
+# While a job waits or runs the status line refreshes every second; the charts are redrawn
+# only when the job has published new numbers, and at most every REDRAW_S seconds (building
+# six plotly figures takes CPU time that the training and other sessions would use).
 STATUS_REFRESH_S = 1.0
-CHARTS_REFRESH_S = 2.0
+REDRAW_S = settings().training_redraw_s
 
 PERCENT = st.column_config.NumberColumn(format="percent")
 FINAL_COLUMNS = {
@@ -95,6 +108,17 @@ def _warm_up_optimizer_imports() -> threading.Thread:
     return thread
 
 
+def _this_session() -> tuple[str, Callable[[], bool]]:
+    """This browser session's id, and a check that it is still connected, which the job
+    board asks from its own thread (Streamlit's runtime says it is safe on any thread).
+    Without a server (bare mode) the session lasts as long as the process."""
+    ctx = get_script_run_ctx()
+    if ctx is None or not runtime.exists():
+        return "bare", lambda: True
+    server, session = runtime.get_instance(), ctx.session_id
+    return session, lambda: bool(server.is_active_session(session))
+
+
 _warm_up_optimizer_imports()
 st.title("Training lab: watch BatchNorm learn")
 st.markdown(
@@ -120,7 +144,9 @@ with st.form("tl_controls"):
     lr = c3.number_input("Learning rate (SGD, momentum 0.9)", 0.0001, 1.0, defaults.lr,
                          step=0.005, format="%.4f", key="tl_lr")
     seed = c4.number_input("Seed", 0, 1_000_000, defaults.seed, key="tl_seed")
-    c5, c6, c7, c8 = st.columns(4)
+    # the variant chips (four of them) need the width: in a quarter of the row they were
+    # cut off
+    c5, c6, c7, c8 = st.columns([3, 2, 1.2, 1.2])
     variants = c5.multiselect("BatchNorm variants", list(VARIANTS), list(defaults.variants),
                               key="tl_variants")
     momenta = c6.multiselect("Momenta to study (None = cumulative average)", MOMENTUM_CHOICES,
@@ -142,9 +168,19 @@ if start:
         st.error(str(exc))
     else:
         old = state.get(JOB_KEY)
-        if old is not None and old.running:
-            old.stop()
-        state[JOB_KEY] = TrainingJob(config).start()
+        if old is not None and old.active:
+            st.warning("A training run is already in progress in this session "
+                       + ("(queued)" if old.queued else
+                          f"(step {old.latest.steps_done if old.latest else 0} of "
+                          f"{old.config.steps})")
+                       + ": it goes on. Press **Stop** to end it, then **Start training** "
+                         "for the new settings.")
+        else:
+            session, alive = _this_session()
+            try:
+                state[JOB_KEY] = default_board().submit(config, owner=session, alive=alive)
+            except BnvizError as exc:
+                st.error(str(exc))
 
 
 def _stop_job() -> None:
@@ -155,8 +191,9 @@ def _stop_job() -> None:
 
 current = state.get(JOB_KEY)
 st.button("Stop", key="tl_stop", on_click=_stop_job,
-          disabled=current is None or not current.running,
-          help="Ends the training after its current step and keeps what it has learned.")
+          disabled=current is None or not current.active,
+          help="Ends the training after its current step and keeps what it has learned "
+               "(a queued run leaves the queue).")
 
 d1, d2 = st.columns(2)
 layer = d1.selectbox("BatchNorm layer for the running-statistics charts", list(LAYERS),
@@ -177,8 +214,17 @@ def render_status(job: TrainingJob | None) -> None:
     if job.error is not None:
         if isinstance(job.error, BnvizError):
             st.error(str(job.error))
-        else:
-            st.exception(job.error)
+        else:  # a bug, not the settings: no traceback for the student, the log has it
+            show_unexpected(job.error, "training")
+        return
+    if job.queued:
+        ahead = job.ahead
+        st.info(("Queued: next in line" if ahead == 0 else f"Queued: {ahead} ahead")
+                + f". This server trains {default_board().limit} run(s) at a time; yours "
+                  "starts when one ends. Press Stop to leave the queue.")
+        return
+    if job.cancelled:
+        st.warning("Left the queue before training started.")
         return
     result = job.latest
     if job.running or result is None:
@@ -194,23 +240,36 @@ def render_status(job: TrainingJob | None) -> None:
                    f"{result.device}.")
 
 
-def build_figures(result: TrainResult) -> dict[str, go.Figure | None]:
-    """The page's figures for the job's latest snapshot, rebuilt only when it changed."""
-    key = (layer, tuple(sorted(channels)))
-    cached = state.get("tl_figures")  # (snapshot, key, figures): one snapshot object per update
-    if cached is not None and cached[0] is result and cached[1] == key:
-        return cached[2]
-    figs = lab_figures(result, layer, channels)
-    state["tl_figures"] = (result, key, figs)
-    return figs
+def drawn(job: TrainingJob | None) -> dict | None:
+    """What this run draws: a snapshot of the job and its figures (``state["tl_drawn"]``).
 
-
-def render_body(job: TrainingJob | None) -> None:
-    """Verdict, tables and charts of the job's latest snapshot."""
-    result = job.latest if job is not None and job.error is None else None
+    The figures are rebuilt only when the job has published new numbers (its ``version``
+    changed), and while it trains at most every REDRAW_S seconds: until then the previous
+    snapshot is drawn again, verdict and tables included, so they always match the charts.
+    A change of the display controls, and the job's end, redraw at once."""
+    if job is None or job.error is not None:
+        return None
+    version, result = job.versioned_latest()
     if result is None:
+        return None
+    key = (layer, tuple(sorted(channels)))
+    now = time.perf_counter()
+    last = state.get("tl_drawn")
+    if last is not None and last["job"] is job and last["key"] == key and (
+            last["version"] == version
+            or (job.running and now - last["at"] < REDRAW_S)):
+        return last
+    state["tl_drawn"] = {"job": job, "key": key, "version": version, "result": result,
+                         "figures": lab_figures(result, layer, channels), "at": now}
+    return state["tl_drawn"]
+
+
+def render_body(shown: dict | None) -> None:
+    """Verdict, tables and charts of the drawn snapshot."""
+    if shown is None:
         return
-    figs = build_figures(result)
+    result: TrainResult = shown["result"]
+    figs: dict[str, go.Figure | None] = shown["figures"]
     st.markdown("**What the numbers say**\n\n"
                 + "\n".join(f"- {line}" for line in result.verdict))
     frame = final_frame(result)
@@ -287,31 +346,33 @@ def render_body(job: TrainingJob | None) -> None:
 
 
 def status_view() -> None:
-    """The status line; while a job runs this is a fragment rerun every second, which asks
-    for a full redraw when the job has published new numbers (at most every
-    CHARTS_REFRESH_S) and once more when it has ended."""
+    """The status line; while a job waits or runs this is a fragment rerun every second,
+    which asks for a full redraw when the job has published numbers newer than those drawn
+    (at most every REDRAW_S) and once more when it has ended."""
+    report_uncaught("running the Training lab")  # a fragment's rerun is a run of its own
     job = state.get(JOB_KEY)
     render_status(job)
     if not state.get("tl_polling"):
         return
-    if job is None or not job.running:
+    if job is None or not job.active:
         state["tl_polling"] = False
         st.rerun()  # final charts, Stop disabled
-    elif (job.version != state.get("tl_drawn_version")
-          and time.perf_counter() - state.get("tl_drawn_at", 0.0) >= CHARTS_REFRESH_S):
+    last = state.get("tl_drawn")
+    if last is None or last["job"] is not job:  # nothing of this job drawn yet
+        drawn_version, since = 0, float("inf")
+    else:
+        drawn_version, since = last["version"], time.perf_counter() - last["at"]
+    if job.version != drawn_version and since >= REDRAW_S:
         st.rerun()
 
 
-if current is not None:
-    # This full run draws the charts: note what it draws before the status fragment (which
-    # also runs inline right now) compares against it. The version is read before the
-    # snapshot, so it is never newer than what is drawn.
-    state["tl_drawn_version"] = current.version
-    state["tl_drawn_at"] = time.perf_counter()
-if current is not None and current.running:
+# What this full run draws is settled before the status fragment (which also runs inline
+# right now) compares the job's numbers against it.
+shown = drawn(current)
+if current is not None and current.active:
     state["tl_polling"] = True
     st.fragment(run_every=STATUS_REFRESH_S)(status_view)()
 else:
     state["tl_polling"] = False
     status_view()
-render_body(current)
+render_body(shown)

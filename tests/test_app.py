@@ -63,11 +63,12 @@ def arr(value) -> np.ndarray:
 
 
 def charts(at: AppTest) -> dict[str, dict]:
-    """Plotly figures on the page, by title (read from the element protos)."""
+    """Plotly figures on the page, by title (read from the element protos; without the
+    line breaks a long title gets, as the browser's text content reads it)."""
     out = {}
     for el in at.get("plotly_chart"):
         spec = json.loads(el.proto.spec)
-        out[spec["layout"]["title"]["text"]] = spec
+        out[spec["layout"]["title"]["text"].replace("<br>", "")] = spec
     return out
 
 
@@ -162,14 +163,14 @@ def test_default_page_shows_every_view():
     assert set(charts(at)) == {  # only the picked chart is built
         "network input (after preprocessing), image 0",
         "Network overview: 49 BatchNorm layers of efficientnet_lite0",
-        "_bn0: batch vs running statistics (BN used the batch ones)",
+        "_bn0: batch vs running statistics (BN used the running ones)",
         "Top-5 predictions for image 0"}
     every, shown = every_tab(at)
     titles = list(every)
     for part in ("Network overview: 49 BatchNorm layers of efficientnet_lite0",
                  "_bn0: batch vs running statistics", "_bn0, channel 0, image 0",
                  "distribution over the batch", "every channel's distribution",
-                 "running-stat update (momentum 0.01", "manual formula vs native",
+                 "_bn0: no running-stat update", "manual formula vs native",  # eval
                  "Top-5 predictions", "network input (after preprocessing)"):
         assert any(part in t for t in titles), part
     assert not any("random init" in t for t in titles)
@@ -184,6 +185,7 @@ def test_default_page_shows_every_view():
     assert "Weights: **pretrained ImageNet" in sidebar
     assert at.query_params["model"] == "efficientnet_lite0"
     assert at.query_params["layer"] == "_bn0"
+    assert at.query_params["mode"] == "eval"  # the network as it is meant to run
 
 
 @pytest.mark.parametrize("script", ["app.py", "pages/1_Pitfall_lab.py",
@@ -221,7 +223,7 @@ def test_the_chart_code_is_preloaded_before_pytorch_is_imported(script):
 
 
 def test_numbers_on_the_page_equal_an_independent_inspection():
-    at = run(new_app(seed="11"))
+    at = run(new_app(seed="11", mode="train"))
     report = reference({"seed": "11"}, "train")
     ref = report.layer("_bn0")
     stats = chart(at, "_bn0: batch vs running statistics")
@@ -238,7 +240,7 @@ def test_numbers_on_the_page_equal_an_independent_inspection():
 
 
 def test_layer_channel_element_tab_do_not_rerun_the_forward():
-    at = run(new_app(seed="101", tab="1"))
+    at = run(new_app(seed="101", tab="1", mode="train"))
     calls = dash.inspect_calls()
     before = chart(at, "channel 0, image 0")
     at.selectbox(key="layer").set_value("_blocks.3._bn1")
@@ -275,7 +277,7 @@ def test_layer_channel_element_tab_do_not_rerun_the_forward():
 
 
 def test_switching_back_reuses_the_cache():
-    at = run(new_app(seed="102"))
+    at = run(new_app(seed="102", mode="train"))
     at.radio(key="mode").set_value("eval")
     run(at)
     calls = dash.inspect_calls()
@@ -294,7 +296,7 @@ def test_a_mode_toggle_takes_the_prefetched_other_mode():
 
     pre = Prefetcher(quiet_s=2.0)
     dash.set_prefetcher(pre)  # the conftest puts the process's own back afterwards
-    at = run(new_app(seed="131"))
+    at = run(new_app(seed="131", mode="train"))
     assert pre.counts["scheduled"] == 1 and pre.counts["started"] == 0  # the page is drawn
     assert pre._busy_for() > 0
     assert pre.idle(TIMEOUT) and pre.counts["finished"] == 1
@@ -384,6 +386,7 @@ def test_cuda_device_page():
 
 
 def override_count(at: AppTest) -> str:
+    """The sidebar's count of the per-layer overrides (the table is in the main area)."""
     found = [c.value for c in at.sidebar.caption if c.value.startswith("Per-layer overrides")]
     assert len(found) == 1, found
     return found[0]
@@ -394,7 +397,7 @@ def editors(at: AppTest) -> list:
 
 
 def test_per_layer_overrides_through_the_data_editor():
-    at = run(new_app(seed="103"))
+    at = run(new_app(seed="103", mode="train"))
     key = "overrides_efficientnet_lite0_0"
     # the table is drawn only while its expander is open (it costs a fresh server pandas)
     assert editors(at) == [] and override_count(at) == "Per-layer overrides: **0 active**."
@@ -443,7 +446,9 @@ def test_per_layer_overrides_through_the_data_editor():
     (table,) = editors(at)
     assert table.value["mode"].tolist()[:3] == ["eval", "default", "default"]
     assert table.value["track_running_stats"].tolist()[:3] == ["keep", "none", "keep"]
-    assert table.value["momentum"].tolist()[:3] == ["", "", "none"]
+    # a blank momentum is a missing value, which the table shows as "keep"
+    assert [m if isinstance(m, str) else None for m in table.value["momentum"].tolist()[:3]] \
+        == [None, None, "none"]
 
     at.button(key="reset_overrides").click()
     run(at)
@@ -473,7 +478,7 @@ def test_bad_momentum_names_the_layer_and_the_app_recovers():
 def test_tables_are_drawn_when_opened_and_equal_the_report():
     """The per-layer table (and the override editor) cost a rerun an Arrow table and a fresh
     browser its grid code: they are built only once their expander is opened."""
-    at = run(new_app(seed="105"))
+    at = run(new_app(seed="105", mode="train"))
     assert at.get("dataframe") == [] and at.get("data_editor") == []
     assert "Per-layer table" in [e.label for e in at.expander]
     at.session_state["table_open"] = True
@@ -590,7 +595,7 @@ def test_a_link_cannot_name_a_server_file(tmp_path):
 
 
 def test_exports(captured_files):
-    at = run(new_app(seed="104"))
+    at = run(new_app(seed="104", mode="train"))
     stem = "bnviz_efficientnet_lite0_train_image-name-chelsea"
     assert {b.proto.label for b in at.get("download_button")} == {
         "Per-layer table (CSV)", "Full report (JSON, the CLI's schema)"}
@@ -598,7 +603,9 @@ def test_exports(captured_files):
     csv = captured_files[f"{stem}.csv"]
     csv = csv() if callable(csv) else csv  # made on the click
     csv = csv.decode() if isinstance(csv, bytes) else csv
-    assert csv == ref.to_frame().to_csv(index=False)
+    frame = ref.to_frame()
+    frame["mode_source"] = "global mode"  # the page's words (the report says "override")
+    assert csv == frame.to_csv(index=False)
     produced = captured_files[f"{stem}.json"]()
     assert json.loads(produced) == json.loads(ref.to_json())
     assert len(json.loads(produced)["layers"]) == 49

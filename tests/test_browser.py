@@ -111,7 +111,7 @@ def test_loads_with_every_chart_and_no_errors(page, server):
     # every tab of the layer view draws its charts when opened
     for tab, part in (("Feature maps", "_bn0, channel 0, image 0"),
                       ("Distributions", "_bn0: every channel's distribution"),
-                      ("Running-stat update", "_bn0: running-stat update (momentum 0.01"),
+                      ("Running-stat update", "_bn0: no running-stat update"),  # eval
                       ("Manual vs native", "_bn0: manual formula vs native BatchNorm")):
         bs.open_tab(page, tab)
         wait_title(page, part)
@@ -169,7 +169,8 @@ def test_global_mode_and_a_per_layer_override(page, server):
     # the override table (st.data_editor, a canvas grid): row 0 = _bn0, column "mode"
     # the table is built when its expander opens (a rerun), not on the first page
     assert page.locator('[data-testid="stDataFrame"]').count() == 0
-    page.get_by_text("Per-layer overrides", exact=True).click()
+    page.locator('[data-testid="stMainBlockContainer"]').get_by_text(
+        "Per-layer settings", exact=True).click()
     grid = page.locator('[data-testid="stDataFrame"]').first
     grid.wait_for(timeout=TIMEOUT_MS)
     bs.wait_idle(page, TIMEOUT_MS)
@@ -218,7 +219,7 @@ def test_export_json_download(page, server):
     assert download.suggested_filename.endswith(".json")
     data = json.loads(open(download.path(), encoding="utf-8").read())
     assert data["model"] == "efficientnet_lite0" and len(data["layers"]) == 49
-    assert data["layers"][0]["stats_used"] == "batch"
+    assert data["layers"][0]["stats_used"] == "running"  # the first page runs in eval
 
 
 def test_a_link_reproduces_the_view(page, server, browser):

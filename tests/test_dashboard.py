@@ -134,12 +134,13 @@ def test_query_bad_values_keep_defaults_and_say_why():
 
 def test_selection_is_not_part_of_the_compute_key():
     a = dash.DashConfig(layer="_bn0", channel=1, element=0)
-    b = dash.DashConfig(layer="_blocks.3._bn1", channel=9, element=4, tab="distributions")
+    b = dash.DashConfig(layer="_blocks.3._bn1", channel=9, element=4, tab="distributions",
+                        image=3)
     assert a.compute_key() == b.compute_key()
-    assert dash.DashConfig(mode="eval").compute_key() != a.compute_key()
+    assert dash.DashConfig(mode="train").compute_key() != a.compute_key()  # eval by default
     assert (dash.DashConfig(overrides=(("_bn0", dash.RowOverride("eval")),)).compute_key()
             != a.compute_key())
-    assert dash.DashConfig(mode="eval").eval_key() == a.eval_key()
+    assert dash.DashConfig(mode="train").eval_key() == a.eval_key()
 
 
 def test_a_chart_link_by_index_and_by_slug_open_the_same_chart():
@@ -709,7 +710,7 @@ def test_layer_from_selection():
 
 
 def test_grid_and_as_4d():
-    assert dash.grid_indices(112).tolist() == list(range(0, 112, 7))
+    assert dash.grid_indices(112, 16).tolist() == list(range(0, 112, 7))
     assert dash.grid_indices(7).tolist() == list(range(7))
     assert dash.as_4d(torch.zeros(2, 5)).shape == (2, 5, 1, 1)
     assert dash.as_4d(torch.zeros(2, 5, 9)).shape == (2, 5, 1, 9)

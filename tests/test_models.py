@@ -73,6 +73,16 @@ def _hub_file(name: str) -> str:
     return url.rsplit("/", 1)[1]
 
 
+def _as_published(monkeypatch, path: Path) -> None:
+    """Make the sha256 promise in ``path``'s name match its content: a stand-in for the
+    published file (bnviz calls a cached file pretrained only when they match)."""
+    from bnviz.models import weights
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    monkeypatch.setattr(models, "_hash_prefix", lambda filename: digest if filename == path.name
+                        else weights._hash_prefix(filename))
+
+
 def _perturbed_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """State of ``module`` with BN buffers that random init would never produce."""
     for m in module.modules():
@@ -170,11 +180,13 @@ def test_lite_random_init_keeps_lite_preprocessing():
 # ------------------------------------------------------------------------------ hub cache
 
 
-def test_cached_torchvision_weights_are_loaded_exactly(offline_hub, resnet18_state):
+def test_cached_torchvision_weights_are_loaded_exactly(offline_hub, resnet18_state,
+                                                       monkeypatch):
     offline_hub.mkdir(parents=True)
     path = offline_hub / _hub_file("resnet18")
     assert path.name == "resnet18-f37072fd.pth"
     torch.save(resnet18_state, path)
+    _as_published(monkeypatch, path)
     assert weights_status("resnet18") == "cached"
 
     loaded = load_model("resnet18")
@@ -190,11 +202,12 @@ def test_cached_torchvision_weights_are_loaded_exactly(offline_hub, resnet18_sta
     assert len(loaded.bn_layer_names) == 20
 
 
-def test_cached_googlenet_uses_transform_input_and_drops_aux(offline_hub):
+def test_cached_googlenet_uses_transform_input_and_drops_aux(offline_hub, monkeypatch):
     source = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
     state = _perturbed_state(source)
     offline_hub.mkdir(parents=True)
     torch.save(state, offline_hub / _hub_file("googlenet"))
+    _as_published(monkeypatch, offline_hub / _hub_file("googlenet"))
 
     loaded = load_model("googlenet")
     assert loaded.weights_status == "cached"
@@ -234,9 +247,10 @@ def test_densenet_legacy_keys_are_renamed_like_torchvision_does():
     ]
 
 
-def test_corrupt_cached_file_says_to_delete_it(offline_hub):
+def test_corrupt_cached_file_says_to_delete_it(offline_hub, monkeypatch):
     offline_hub.mkdir(parents=True)
     (offline_hub / _hub_file("resnet18")).write_bytes(b"not a torch file")
+    _as_published(monkeypatch, offline_hub / _hub_file("resnet18"))  # the name's hash matches
     with pytest.raises(CheckpointError, match="delete it"):
         load_model("resnet18")
 

@@ -298,8 +298,10 @@ def test_momentum_0_1_study_equals_the_trained_networks_own_running_stats(run):
     final = run.final_state["native"]
     for layer in LAYERS:
         trace = run.traces[layer]
-        assert torch.equal(trace.running_mean["0.1"][-1], final[f"{layer}.running_mean"])
-        assert torch.equal(trace.running_var["0.1"][-1], final[f"{layer}.running_var"])
+        assert torch.equal(trace.stacked("running_mean", "0.1")[-1],
+                           final[f"{layer}.running_mean"])
+        assert torch.equal(trace.stacked("running_var", "0.1")[-1],
+                           final[f"{layer}.running_var"])
 
 
 def test_recorded_batch_stats_are_what_native_bn_saw_at_step_1(run):
@@ -308,9 +310,10 @@ def test_recorded_batch_stats_are_what_native_bn_saw_at_step_1(run):
     model = build_model("native", run.initial_state)
     with torch.no_grad():
         conv1 = model.conv1(data.x_train[idx])
-    torch.testing.assert_close(run.traces["bn1"].batch_mean[0], conv1.mean(dim=(0, 2, 3)),
+    torch.testing.assert_close(run.traces["bn1"].stacked("batch_mean")[0],
+                               conv1.mean(dim=(0, 2, 3)),
                                rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(run.traces["bn1"].batch_var[0],
+    torch.testing.assert_close(run.traces["bn1"].stacked("batch_var")[0],
                                conv1.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
 
 
@@ -334,9 +337,11 @@ def test_momentum_study_equals_a_network_trained_with_that_momentum():
                 opt.step()
         for name, bn in model.bn_layers():
             trace = result.traces[name]
-            torch.testing.assert_close(trace.running_mean[label][-1], bn.running_mean,
+            torch.testing.assert_close(trace.stacked("running_mean", label)[-1],
+                                       bn.running_mean,
                                        rtol=1e-6, atol=1e-7)
-            torch.testing.assert_close(trace.running_var[label][-1], bn.running_var,
+            torch.testing.assert_close(trace.stacked("running_var", label)[-1],
+                                       bn.running_var,
                                        rtol=1e-6, atol=1e-7)
         assert result.histories["native"].loss[-1] == pytest.approx(loss.item(), rel=1e-6)
 

@@ -185,8 +185,9 @@ def test_stop_button_ends_a_long_run_and_display_controls_do_not(counted):
     assert warning.startswith(f"Stopped at step {result.steps_done} of 3000")
     text = "\n".join(m.value for m in at.markdown)
     assert f"Stopped after {result.steps_done} of 3000 steps" in text
-    loss = _fig(_figures(at), "Training loss")
-    assert len(_values(_trace(loss, "native")["y"])) == result.steps_done
+    loss = _trace(_fig(_figures(at), "Training loss"), "native")
+    np.testing.assert_array_equal(_values(loss["y"]), result.histories["native"].loss)
+    assert _values(loss["x"])[-1] == result.steps_done  # up to the step it stopped at
     assert "bn3" in _fig(_figures(at), "Running statistics")["layout"]["annotations"][0]["text"]
 
 

@@ -14,6 +14,10 @@ that can be tested without a browser lives here, as pure functions and frozen da
   dropped, and nothing the size of an activation is ever sent to a browser.
 * :mod:`.prefetching` computes the other global mode's view while the charts are read;
   :mod:`.resources` tunes the shared server process.
+* :mod:`.budget` estimates a run's memory and time from the model before it runs and
+  refuses what does not fit the per-run budget; :mod:`.run_queue` is the one queue every
+  network run of the server waits in, and :class:`SharedResult` shares a configuration's
+  result between the sessions that ask for it at once.
 * :mod:`.charts` is the registry of the layer view's charts (slug, title, figures and
   sentences); :mod:`.texts` holds the sentences for students.
 
@@ -23,6 +27,21 @@ Importing this package imports pandas and PIL.Image first, through :mod:`bnviz.f
 
 from __future__ import annotations
 
+from .budget import (
+    ActivationProfile,
+    RunEstimate,
+    RunOutOfMemory,
+    RunTooLarge,
+    activation_profile,
+    check_budget,
+    estimate_caption,
+    estimate_run,
+    format_bytes,
+    is_out_of_memory,
+    largest_fitting,
+    machine_memory_bytes,
+    memory_budget_bytes,
+)
 from .charts import (
     DEFAULT_CHART,
     LAYER_CHARTS,
@@ -67,7 +86,7 @@ from .config import (
     default_params,
     make_params,
 )
-from .literal import literal, plain
+from .literal import code_span, literal, message, plain
 from .overrides import (
     OVERRIDE_COLUMNS,
     apply_editor_state,
@@ -112,6 +131,7 @@ from .query import (
     format_overrides,
     parse_overrides,
     stimulus_spec,
+    unknown_override_layers,
 )
 from .resources import (
     configure_torch_threads,
@@ -119,7 +139,27 @@ from .resources import (
     release_memory,
     release_pending,
 )
+from .run_queue import (
+    RunQueue,
+    ServerBusy,
+    SharedResult,
+    progress_text,
+    queue_text,
+    run_queue,
+    run_slots,
+    set_run_queue,
+)
 from .selection import clamp_channel, gallery_channels, layer_from_selection
+from .served import (
+    base_config,
+    input_caption,
+    is_served,
+    load_served,
+    model_choices,
+    operator_input,
+    served_config,
+    served_query,
+)
 from .serving import (
     EvalPredictions,
     compute_eval_predictions,
@@ -128,6 +168,7 @@ from .serving import (
     load_shared_model,
     view_cache_entries,
 )
+from .shapes import has_maps, layer_kind
 from .texts import (
     EXPLAIN,
     formula_text,
@@ -141,7 +182,40 @@ from .uploads import describe_config_stimulus, make_batch, store_upload
 from .views import LayerView, ViewData, layer_view, literal_bn, prediction_rows, strip_tensors
 
 __all__ = [
+    "base_config",
+    "has_maps",
+    "input_caption",
+    "is_served",
+    "layer_kind",
+    "load_served",
+    "model_choices",
+    "operator_input",
+    "served_config",
+    "served_query",
+    "ActivationProfile",
+    "RunEstimate",
+    "RunOutOfMemory",
+    "RunQueue",
+    "RunTooLarge",
+    "ServerBusy",
+    "SharedResult",
+    "activation_profile",
+    "check_budget",
+    "estimate_caption",
+    "estimate_run",
+    "format_bytes",
+    "is_out_of_memory",
+    "largest_fitting",
+    "machine_memory_bytes",
+    "memory_budget_bytes",
+    "progress_text",
+    "queue_text",
+    "run_queue",
+    "run_slots",
+    "set_run_queue",
+    "code_span",
     "literal",
+    "message",
     "plain",
     "Block",
     "ChartInput",
@@ -243,6 +317,7 @@ __all__ = [
     "strip_tensors",
     "subsample_map",
     "to_png",
+    "unknown_override_layers",
     "view_cache_entries",
     "view_data",
 ]

@@ -17,14 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..figures import (
     all_channels_figure,
-    channel_gallery_figure,
     channel_stats_figure,
     distribution_figure,
-    feature_map_figure,
     manual_vs_native_figure,
     running_update_figure,
 )
-from .selection import gallery_channels
+from . import shapes
 from .texts import EXPLAIN, formula_text, manual_check_note, running_update_text
 
 if TYPE_CHECKING:
@@ -34,12 +32,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class ChartInput:
     """What a chart is drawn from: the view, the picked layer, channel and formula element
-    (an index into ``FORMULA_ELEMENTS``)."""
+    (an index into ``FORMULA_ELEMENTS``), and whether the feature maps share one colour
+    scale."""
 
     view: ViewData
     layer: LayerView
     channel: int
     element: int = 0
+    shared_scale: bool = False
 
     @property
     def label(self) -> str:
@@ -95,12 +95,13 @@ LAYER_CHARTS: tuple[ChartSpec, ...] = (
         figure("chart_stats", per_channel(channel_stats_figure)),
         explanation("channel_stats"),
     )),
+    # what a layer's values look like depends on their shape (table, sequence, image,
+    # volume): .shapes picks the figures and sentences; None means nothing to draw
     ChartSpec("feature-maps", "Feature maps", (
-        figure("chart_maps", per_channel(feature_map_figure)),
-        explanation("feature_maps"),
-        figure("chart_gallery", lambda c: channel_gallery_figure(
-            c.layer, gallery_channels(c.channel, c.layer.num_features), "input", c.label)),
-        explanation("gallery"),
+        figure("chart_maps", shapes.maps_figure),
+        caption(shapes.maps_sentence),
+        figure("chart_gallery", shapes.gallery_figure),
+        caption(shapes.gallery_sentence),
     )),
     ChartSpec("distributions", "Distributions", (
         figure("chart_dist", per_channel(distribution_figure)),

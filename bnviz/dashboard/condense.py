@@ -1,10 +1,11 @@
 """Condensing one layer's activation tensors into the small arrays the charts draw.
 
 A kept layer holds activations of hundreds of MB for a batch of 8; the dashboard keeps
-only what its charts show: feature maps of image 0 on a grid of real values, fixed-bin
+only what its charts show: feature maps of image 0 (every pixel up to 112 x 112), fixed-bin
 histograms, a fixed sample of elements for the scatter plot and a few exactly stored
 elements for the written-out formula (:class:`CondensedTensors`). Every value is read from
-the tensors, never recomputed.
+the tensors, never recomputed; only maps larger than the limit are shrunk, by averaging
+blocks of pixels (the charts say so).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from ..inspection import LayerReport
 
 # -- sizes of what is kept per layer --------------------------------------------------------
 
-#: Feature maps are kept for image 0 on a grid of at most MAX_GRID x MAX_GRID *actual*
-#: elements (every s-th row and column, not pooled), so every heatmap pixel is a real value.
-MAX_GRID = 16
-#: ... and at most about this many values per layer and kind, so that wide layers (DenseNet
-#: concatenates up to 1024 channels) do not dominate the memory of a cached configuration.
-MAP_BUDGET = 160_000
+#: Feature maps of image 0 are kept whole up to MAX_GRID x MAX_GRID pixels: a 112 x 112 map
+#: (the first layers at 224 px) is the picture a student recognises; every 7th pixel of it
+#: was noise. Larger maps are kept as means of f x f blocks (f as small as fits).
+MAX_GRID = 112
+#: ... and at most about this many values per layer and kind (5 MB of float32): the widest
+#: 112 x 112 layers of the registry (96 channels) stay whole, and a wider or larger layer
+#: (DenseNet concatenates up to 1024 channels) is averaged further instead of dominating the
+#: memory of a cached configuration.
+MAP_BUDGET = 1_300_000
 #: Fixed number of bins of the per-channel histograms, and how many (image, position) pairs
 #: per layer they count (the same positions in every channel; all of them when fewer).
 HIST_BINS = 24
@@ -67,6 +71,29 @@ def as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1, t.shape[-1])
 
 
+def map_plane(t: torch.Tensor) -> torch.Tensor:
+    """The (C, h, w) maps of image 0 that the charts show: the image itself, a sequence as
+    one row (C, 1, L), a table as (C, 1, 1), and of a volume (N, C, D, H, W) its middle
+    depth slice ``D // 2`` (a picture, where the folded layout of :func:`as_4d` is not)."""
+    if t.dim() == 5:
+        return t[0, :, t.shape[2] // 2]
+    return as_4d(t)[0]
+
+
+#: The quantiles a table's per-feature box plots show (whiskers at the minimum and maximum).
+FEATURE_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def feature_quantiles(t: torch.Tensor | None) -> np.ndarray | None:
+    """For a table (N, C): each feature's :data:`FEATURE_QUANTILES` over the batch, (C, 5),
+    as ``numpy.quantile`` computes them (linear interpolation) in float64; None for any
+    other shape (their values are shown as maps and histograms)."""
+    if t is None or t.dim() != 2:
+        return None
+    values = t.detach().to(torch.float64).cpu().numpy()
+    return frozen(np.quantile(values, FEATURE_QUANTILES, axis=0).T.astype(np.float32))
+
+
 def grid_indices(length: int, max_points: int = MAX_GRID) -> np.ndarray:
     """Every s-th index of ``range(length)`` with s chosen so at most ``max_points`` remain."""
     step = max(1, math.ceil(length / max_points))
@@ -74,8 +101,30 @@ def grid_indices(length: int, max_points: int = MAX_GRID) -> np.ndarray:
 
 
 def map_side(channels: int, budget: int = MAP_BUDGET, max_side: int = MAX_GRID) -> int:
-    """Grid side for a layer's maps: MAX_GRID, smaller when channels x side^2 > budget."""
+    """Largest side a layer's maps may have: MAX_GRID, smaller when channels x side^2 >
+    budget (never below 4)."""
     return int(max(4, min(max_side, math.isqrt(max(budget // max(channels, 1), 1)))))
+
+
+def map_block(h: int, w: int, channels: int, budget: int = MAP_BUDGET,
+              max_side: int = MAX_GRID) -> int:
+    """Side f of the pixel blocks a layer's (h, w) maps are averaged over: 1 (every pixel)
+    when both sides fit :func:`map_side`, else the smallest f that makes them fit."""
+    side = map_side(channels, budget, max_side)
+    return max(1, math.ceil(max(h, w) / side))
+
+
+def block_means(t: torch.Tensor, block: int) -> np.ndarray:
+    """(..., H, W) maps as a read-only float32 array: a copy of every pixel when ``block``
+    is 1, else the mean of each ``block`` x ``block`` block (edge blocks average the pixels
+    they have). Always a copy: a view would keep the whole activation alive."""
+    t = t.detach()
+    if block <= 1:
+        return frozen(t.to(torch.float32, copy=True).cpu().numpy())
+    lead = t.shape[:-2]
+    flat = t.reshape(-1, 1, *t.shape[-2:]).to(torch.float32)
+    pooled = torch.nn.functional.avg_pool2d(flat, block, block, ceil_mode=True)
+    return frozen(pooled.reshape(*lead, *pooled.shape[-2:]).cpu().numpy())
 
 
 def subsample_map(t: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -174,7 +223,8 @@ class CondensedTensors:
     (maps, histograms, samples, formula elements). Made apart from the statistics so it can
     be computed on another core while the forward is still running."""
 
-    # image-0 feature maps on a grid: (C, len(rows), len(cols)); actual values
+    # image-0 feature maps: (C, len(rows), len(cols)); every pixel, or the means of the
+    # blocks starting at rows x cols when the maps are larger than MAX_GRID
     rows: np.ndarray
     cols: np.ndarray
     map_input: np.ndarray
@@ -198,6 +248,10 @@ class CondensedTensors:
     element_native: np.ndarray
     element_activation: np.ndarray | None
     overwritten_fraction: float  # of the BN output, as a reference-keeping hook sees it
+    # a table's (N, C) per-feature quantiles over the batch (FEATURE_QUANTILES): (C, 5)
+    quantiles_input: np.ndarray | None
+    quantiles_output: np.ndarray | None
+    quantiles_activation: np.ndarray | None
 
 
 def _formula_elements(x4: torch.Tensor) -> np.ndarray:
@@ -246,8 +300,10 @@ def condense_tensors(input: torch.Tensor, output: torch.Tensor,
     overwritten = overwritten_by is not None and output_reference is not None
     ref4 = as_4d(output_reference) if overwritten else None
     n, channels, h, w = x4.shape
-    side = map_side(channels)
-    rows, cols = grid_indices(h, side), grid_indices(w, side)
+    mh, mw = map_plane(input).shape[-2:]  # a volume's maps are its middle slice
+    block = map_block(mh, mw, channels)
+    rows = np.arange(0, mh, block, dtype=np.int64)
+    cols = np.arange(0, mw, block, dtype=np.int64)
     pos = histogram_positions(n, h * w)
     sidx = sample_indices(tuple(x4.shape))
     eidx = _formula_elements(x4)
@@ -255,15 +311,15 @@ def condense_tensors(input: torch.Tensor, output: torch.Tensor,
     s_in, e_in = pick(x4)
     s_nat, e_nat = pick(y4)
     s_act, e_act = (None, None) if a4 is None else pick(a4)
-    map_act = None if a4 is None else subsample_map(a4[0], rows, cols)
-    map_ref = None if ref4 is None else subsample_map(ref4[0], rows, cols)
+    map_act = None if a4 is None else block_means(map_plane(activation_output), block)
+    map_ref = None if ref4 is None else block_means(map_plane(output_reference), block)
     if map_ref is not None and map_act is not None and np.array_equal(map_ref, map_act):
         map_ref = map_act  # an in-place activation: what the hook sees *is* its output
     fraction = float((output != output_reference).float().mean()) if overwritten else 0.0
     return CondensedTensors(
         rows=frozen(rows), cols=frozen(cols),
-        map_input=subsample_map(x4[0], rows, cols),
-        map_output=subsample_map(y4[0], rows, cols),
+        map_input=block_means(map_plane(input), block),
+        map_output=block_means(map_plane(output), block),
         map_activation=map_act, map_reference=map_ref,
         hist_count=n * h * w if pos is None else len(pos[0]),
         hist_input=channel_histograms(x4, positions=pos),
@@ -272,6 +328,8 @@ def condense_tensors(input: torch.Tensor, output: torch.Tensor,
         sample_index=sidx, sample_input=s_in, sample_native=s_nat, sample_activation=s_act,
         element_index=frozen(eidx), element_input=e_in, element_native=e_nat,
         element_activation=e_act, overwritten_fraction=fraction,
+        quantiles_input=feature_quantiles(input), quantiles_output=feature_quantiles(output),
+        quantiles_activation=feature_quantiles(activation_output),
     )
 
 

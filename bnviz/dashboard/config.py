@@ -101,13 +101,16 @@ class DashConfig:
     batch_size: int = 4  # four different photos: a real batch, and a first view in seconds
     composition: str = "different"
     seed: int = 0
-    mode: str = "train"
+    # eval: the network as it is meant to run (the first page invites a flip to train)
+    mode: str = "eval"
     overrides: tuple[tuple[str, RowOverride], ...] = ()
     # selection: changes what is shown, never what is computed
     layer: str = ""
     channel: int = 0
     element: int = 0  # index into FORMULA_ELEMENTS
     tab: str = DEFAULT_CHART  # the slug of the layer chart shown (bnviz.dashboard.charts)
+    image: int = 0  # the image whose predictions are shown
+    shared_scale: bool = False  # the feature maps' panels on one colour scale
 
     @property
     def param_dict(self) -> dict[str, Any]:
@@ -122,7 +125,8 @@ class DashConfig:
         return "random" if self.random_init else "pretrained"
 
     def compute_key(self) -> tuple:
-        """The fields that need a forward pass: layer/channel/element are left out."""
+        """The fields that need a forward pass: layer/channel/element/tab/image are left
+        out."""
         return (self.model, self.random_init, self.device, self.stimulus, self.params,
                 self.upload, self.size, self.batch_size, self.composition, self.seed,
                 self.mode, self.overrides)

@@ -9,7 +9,7 @@ off); :func:`set_prefetcher` replaces it (tests).
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -103,35 +103,48 @@ def note_activity(client_ip: object) -> None:
     (:meth:`bnviz.prefetch.Prefetcher.activity`). A student's browser on another machine
     does not share the server's cores: its reruns do not hold the prefetch back
     (:func:`browser_address` finds it behind a reverse proxy that says where the client is).
+
+    On a server shared by a class (``BNVIZ_SHARED_SERVER=1``, set by ``bnviz serve-class``)
+    no browser counts as local: there the cores serve every student, and one browser on the
+    server itself (the operator's, or any behind a proxy that hides the client) must not
+    hold back the prefetch of the whole class.
     """
-    if not isinstance(client_ip, str):
+    if not isinstance(client_ip, str) and not settings().shared_server:
         prefetcher().activity()
 
 
 def view_data(key: Any, loaded, x: torch.Tensor, modes: Mapping[str, str], device: str, *,
-              random_init: bool, prefetcher: Prefetcher | None = None) -> ViewData:
-    """The view of configuration ``key``: prefetched if it was, else computed now.
+              random_init: bool, prefetcher: Prefetcher | None = None,
+              on_wait: Callable[[int], None] | None = None,
+              on_progress: Callable[[int, int], None] | None = None) -> ViewData:
+    """The view of configuration ``key``: prefetched if it was, else computed now (in the
+    server's run queue: ``on_wait(runs ahead)`` while it waits for its slot,
+    ``on_progress(layers done, layers)`` during a long forward).
 
-    The app's cached loader calls this, so a configuration is computed at most once in the
-    foreground.
+    The app calls this through the shared result of ``key``
+    (:class:`~bnviz.dashboard.run_queue.SharedResult`), so a configuration is computed at
+    most once in the foreground, however many sessions ask for it at once.
     """
     pre = _chosen(prefetcher)
     view = pre.take(key)
     if view is None:
         with pre.foreground(key):
-            view = compute_view_data(loaded, x, modes, device, random_init=random_init)
+            view = compute_view_data(loaded, x, modes, device, random_init=random_init,
+                                     on_wait=on_wait, on_progress=on_progress)
     return view
 
 
 def eval_predictions(key: Any, loaded, x: torch.Tensor, device: str, *,
-                     prefetcher: Prefetcher | None = None) -> EvalPredictions:
+                     prefetcher: Prefetcher | None = None,
+                     on_wait: Callable[[int], None] | None = None) -> EvalPredictions:
     """The all-eval reference of ``key`` (:meth:`DashConfig.eval_key`): offered by an
-    all-eval view of the same input if there was one, else computed now."""
+    all-eval view of the same input if there was one, else computed now (queued like
+    :func:`view_data`)."""
     pre = _chosen(prefetcher)
     ref = pre.take(("eval", key))
     if ref is None:
         with pre.foreground(("eval", key)):
-            ref = compute_eval_predictions(loaded, x, device)
+            ref = compute_eval_predictions(loaded, x, device, on_wait=on_wait)
     return ref
 
 

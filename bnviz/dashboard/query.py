@@ -8,7 +8,7 @@ sentence naming the parameter, the value and what was used instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -26,15 +26,16 @@ from .config import (
     STIMULUS_WIDGETS,
     UPLOAD_KIND,
     DashConfig,
+    ParamWidget,
     RowOverride,
     make_params,
 )
-from .literal import literal, plain
+from .literal import code_span, literal, plain
 from .overrides import check_row
 from .uploads import UNSAFE_NAME
 
 _QUERY_KEYS = ("model", "weights", "device", "stim", "size", "batch", "comp", "seed", "mode",
-               "ov", "layer", "ch", "el", "tab")
+               "ov", "layer", "ch", "el", "tab", "img", "scale")
 
 
 def _fmt_number(v: Any) -> str:
@@ -67,37 +68,63 @@ def format_overrides(overrides: Mapping[str, RowOverride]) -> str:
     return ";".join(items)
 
 
+def _parse_override_item(item: str) -> tuple[str, RowOverride]:
+    """One ``LAYER:MODE[,option...]`` of a link; raises :class:`ModeError` if malformed."""
+    name, sep, rest = item.rpartition(":")
+    if not sep or not name:
+        raise ModeError(
+            f"Cannot read the per-layer override {item!r}.",
+            "write LAYER:MODE[,track=on|off|none][,momentum=X], e.g. _bn0:train,track=off; "
+            "separate layers with ';'.",
+        )
+    parts = [p.strip().lower() for p in rest.split(",")]
+    mode, track, momentum = parts[0], "keep", ""
+    if mode not in ROW_MODES:
+        raise ModeError(f"Unknown mode {mode!r} for layer {name!r} in the link.",
+                        f"use one of: {', '.join(ROW_MODES)}.")
+    for opt in parts[1:]:
+        key, _, value = opt.partition("=")
+        if key == "track" and value in ROW_TRACKS:
+            track = value
+        elif key == "momentum" and value:
+            momentum = value
+        else:
+            raise ModeError(f"Unknown option {opt!r} for layer {name!r} in the link.",
+                            "use track=on|off|none or momentum=<0..1>|none.")
+    row = RowOverride(mode, track, momentum)
+    check_row(name, row, "train")
+    return name, row
+
+
+def _override_items(text: str) -> list[str]:
+    return [item for item in (p.strip() for p in text.split(";")) if item]
+
+
 def parse_overrides(text: str) -> dict[str, RowOverride]:
     """Inverse of :func:`format_overrides`; raises :class:`ModeError` if malformed."""
-    out: dict[str, RowOverride] = {}
-    for item in (p.strip() for p in text.split(";")):
-        if not item:
-            continue
-        name, sep, rest = item.rpartition(":")
-        if not sep or not name:
-            raise ModeError(
-                f"Cannot read the per-layer override {item!r}.",
-                "write LAYER:MODE[,track=on|off|none][,momentum=X], e.g. _bn0:train,track=off; "
-                "separate layers with ';'.",
-            )
-        parts = [p.strip().lower() for p in rest.split(",")]
-        mode, track, momentum = parts[0], "keep", ""
-        if mode not in ROW_MODES:
-            raise ModeError(f"Unknown mode {mode!r} for layer {name!r} in the link.",
-                            f"use one of: {', '.join(ROW_MODES)}.")
-        for opt in parts[1:]:
-            key, _, value = opt.partition("=")
-            if key == "track" and value in ROW_TRACKS:
-                track = value
-            elif key == "momentum" and value:
-                momentum = value
-            else:
-                raise ModeError(f"Unknown option {opt!r} for layer {name!r} in the link.",
-                                "use track=on|off|none or momentum=<0..1>|none.")
-        row = RowOverride(mode, track, momentum)
-        check_row(name, row, "train")
-        out[name] = row
-    return out
+    return dict(_parse_override_item(item) for item in _override_items(text))
+
+
+def unknown_override_layers(overrides: Mapping[str, RowOverride], layer_names: Sequence[str],
+                            model: str) -> tuple[dict[str, RowOverride], str | None]:
+    """Overrides from a link split by whether ``model`` has the layer they name: returns
+    the ones it has, and a sentence naming the others (None if there are none).
+
+    A link's overrides can only be checked once the model is loaded; the sentence is shown
+    with the link's other problems instead of dropping them without a word."""
+    known = set(layer_names)
+    kept = {name: row for name, row in overrides.items() if name in known}
+    unknown = {name: row for name, row in overrides.items() if name not in known}
+    if not unknown:
+        return kept, None
+    names = sorted(unknown)
+    listed = ", ".join(repr(n) for n in names[:3]) + (
+        f" and {len(names) - 3} more" if len(names) > 3 else "")
+    layer_word = "layer" if len(names) == 1 else "layers"
+    why = f"{model} has no BatchNorm {layer_word} {listed}; the override table lists its layers"
+    shown = format_overrides(unknown) or ";".join(names)
+    return kept, (f"Ignored link parameter ov={literal(shown)} "
+                  f"({plain(why)}); using {'the other overrides' if kept else 'no overrides'}.")
 
 
 def config_to_query(cfg: DashConfig) -> dict[str, str]:
@@ -123,7 +150,68 @@ def config_to_query(cfg: DashConfig) -> dict[str, str]:
         q["el"] = str(cfg.element)
     if cfg.tab != DEFAULT_CHART:
         q["tab"] = cfg.tab
+    if cfg.image:
+        q["img"] = str(cfg.image)
+    if cfg.shared_scale:
+        q["scale"] = "shared"
     return q
+
+
+def _widget_range(w: ParamWidget) -> str:
+    unit = w.label.partition(" (")[2].rstrip(")")  # "orientation (degrees)" -> "degrees"
+    span = (f"from {_fmt_number(w.lo)} to {_fmt_number(w.hi)}" if w.hi is not None
+            else f"of at least {_fmt_number(w.lo)}" + (f" and {w.help}" if w.help else ""))
+    number = "a whole number" if w.kind == "int" else "a number"
+    return f"{w.name} must be {number} {span}" + (f" ({unit})" if unit else "")
+
+
+def _drop_values_widgets_cannot_show(text: str) -> tuple[str, list[str]]:
+    """A stimulus spec from a link without the numbers its widget cannot show (not finite,
+    or outside the widget's range), and a sentence for each one dropped.
+
+    The core accepts any finite orientation, say, but the sidebar's number box offers 0 to
+    180; Streamlit would put such a value back to the default without a word."""
+    head, sep, rest = text.partition(":")
+    kind = head.strip().lower()
+    widgets = {w.name: w for w in STIMULUS_WIDGETS.get(kind, ()) if w.kind in ("float", "int")}
+    if not sep or not widgets:
+        return text, []
+    kept, dropped = [], []
+    for item in rest.split(","):
+        key, eq, raw = item.partition("=")
+        w = widgets.get(key.strip().lower())
+        try:
+            number = float(raw.strip()) if eq and w is not None else None
+        except ValueError:
+            number = None  # not a number at all: the core names it
+        if w is None or number is None or (
+                math.isfinite(number) and (w.lo is None or number >= w.lo)
+                and (w.hi is None or number <= w.hi)):
+            kept.append(item)
+            continue
+        dropped.append(
+            f"Ignored {plain(w.name)}={literal(raw.strip())} in link parameter stim "
+            f"({plain(_widget_range(w))}); using {plain(w.name)}="
+            f"{code_span(_fmt_number(w.default))}.")
+    kept_items = [item for item in kept if item.strip()]
+    return (f"{head}:{','.join(kept_items)}" if kept_items else head), dropped
+
+
+def _seed_from_stim(seed: Any, q: Mapping[str, str], changes: dict[str, Any],
+                    problems: list[str], kept: int) -> None:
+    """A ``seed=`` inside ``stim`` (the CLI's form) is the view's seed, unless the link
+    also has a ``seed`` parameter; either way nothing is dropped without a word."""
+    if "seed" in q:
+        if q["seed"].strip() == str(seed):
+            return
+        problems.append(f"Ignored seed={literal(seed)} in link parameter stim (the link's "
+                        f"seed parameter is used); using seed={code_span(q['seed'])}.")
+        return
+    try:
+        changes["seed"] = check_int("seed", seed, 0, 2**31 - 1)
+    except BnvizError:
+        problems.append(f"Ignored seed={literal(seed)} in link parameter stim (expected a "
+                        f"whole number from 0 to {2**31 - 1}); using seed={literal(kept)}.")
 
 
 def _first(value: Any) -> str:
@@ -132,13 +220,15 @@ def _first(value: Any) -> str:
     return str(value)
 
 
-def config_from_query(query: Mapping[str, Any],
-                      base: DashConfig | None = None) -> tuple[DashConfig, list[str]]:
+def config_from_query(query: Mapping[str, Any], base: DashConfig | None = None, *,
+                      models: Sequence[str] | None = None) -> tuple[DashConfig, list[str]]:
     """Read a configuration from query parameters; bad values keep ``base``'s and are listed.
 
     Returns ``(config, problems)``: each problem is a sentence naming the parameter, the
     value and what was used instead, for the dashboard to show as a warning. Unknown keys
-    are ignored (other pages may add their own).
+    are ignored (other pages may add their own). ``models``: the names the model picker
+    offers (default: the registry's; a server started with ``bnviz serve`` adds the
+    operator's): a link picks one of them, nothing else.
     """
     cfg = base or DashConfig()
     problems: list[str] = []
@@ -150,11 +240,12 @@ def config_from_query(query: Mapping[str, Any],
                         f"using {literal(kept)}.")
 
     if "model" in q:
+        names = list_models() if models is None else list(models)
         name = q["model"].strip().lower().replace("-", "_")
-        if name in list_models():
+        if name in names:
             changes["model"] = name
         else:
-            bad("model", f"not one of {', '.join(list_models())}", cfg.model)
+            bad("model", f"not one of {', '.join(names)}", cfg.model)
     if "weights" in q:
         if q["weights"] in ("random", "pretrained"):
             changes["random_init"] = q["weights"] == "random"
@@ -170,21 +261,27 @@ def config_from_query(query: Mapping[str, Any],
         if text == UPLOAD_KIND:
             changes["stimulus"], changes["params"] = UPLOAD_KIND, ()
         else:
+            text, dropped = _drop_values_widgets_cannot_show(text)
             try:
                 kind, params = parse_stimulus_spec(text, files=False)
                 if kind not in STIMULUS_WIDGETS:
                     raise StimulusError(f"kind {kind!r} is not offered by the dashboard",
                                         "upload the file instead")
-                params.pop("seed", None)
-                changes["stimulus"], changes["params"] = kind, make_params(kind, params)
             except BnvizError as exc:
                 bad("stim", exc.problem.rstrip("."),
                     stimulus_spec(cfg.stimulus, cfg.param_dict))
+            else:
+                problems.extend(dropped)
+                seed = params.pop("seed", None)
+                if seed is not None:
+                    _seed_from_stim(seed, q, changes, problems, cfg.seed)
+                changes["stimulus"], changes["params"] = kind, make_params(kind, params)
     for key, attr, lo, hi in (("size", "size", MIN_SIZE, MAX_SIZE),
                               ("batch", "batch_size", 1, MAX_BATCH_SIZE),
                               ("seed", "seed", 0, 2**31 - 1),
                               ("ch", "channel", 0, 1 << 20),
-                              ("el", "element", 0, len(FORMULA_ELEMENTS) - 1)):
+                              ("el", "element", 0, len(FORMULA_ELEMENTS) - 1),
+                              ("img", "image", 0, MAX_BATCH_SIZE - 1)):
         if key in q:
             try:
                 changes[attr] = check_int(key, q[key], lo, hi)
@@ -197,6 +294,12 @@ def config_from_query(query: Mapping[str, Any],
         else:
             bad("tab", f"use one of {', '.join(spec.slug for spec in LAYER_CHARTS)} "
                        f"(or 0 to {len(LEGACY_TAB_ORDER) - 1})", cfg.tab)
+    if "scale" in q:
+        if q["scale"] in ("shared", "own"):
+            changes["shared_scale"] = q["scale"] == "shared"
+        else:
+            bad("scale", "use shared (one colour scale for the feature maps) or own",
+                "shared" if cfg.shared_scale else "own")
     if "comp" in q:
         if q["comp"] in COMPOSITIONS:
             changes["composition"] = q["comp"]
@@ -208,10 +311,19 @@ def config_from_query(query: Mapping[str, Any],
         else:
             bad("mode", "use train or eval", cfg.mode)
     if "ov" in q:
-        try:
-            changes["overrides"] = tuple(sorted(parse_overrides(q["ov"]).items()))
-        except BnvizError as exc:
-            bad("ov", str(exc), "no overrides")
+        # Each override stands alone: a bad one is named and the others are used.
+        overrides: dict[str, RowOverride] = {}
+        items = _override_items(q["ov"])
+        for item in items:
+            try:
+                name, row = _parse_override_item(item)
+            except BnvizError as exc:
+                problems.append(
+                    f"Ignored link parameter ov={literal(item)} ({plain(exc)}); using "
+                    f"{'no overrides' if len(items) == 1 else 'no override for it'}.")
+            else:
+                overrides[name] = row
+        changes["overrides"] = tuple(sorted(overrides.items()))
     if "layer" in q:
         changes["layer"] = q["layer"].strip()
     return replace(cfg, **changes), problems

@@ -31,7 +31,9 @@ def configure_torch_threads() -> int:
     Once per process is enough: PyTorch keeps the count globally and every new thread
     (Streamlit runs each rerun in a new one) adopts it. It also makes results bit-identical
     across sessions: float32 reductions split over a different number of threads differ in
-    the last bits.
+    the last bits. That is the whole thread policy of a server: fixed here when it starts,
+    never changed by a run (a change would be every session's, mid-forward); how many runs
+    go at once is the run queue's business (:func:`bnviz.dashboard.run_slots`).
     """
     global _THREADS_SET
     if not _THREADS_SET:

@@ -1,5 +1,5 @@
 """What a click or a number picks: the layer of an overview point, a valid channel, the
-block of channels the gallery shows."""
+block of channels the gallery shows, the weights a model starts with."""
 
 from __future__ import annotations
 
@@ -33,3 +33,20 @@ def gallery_channels(channel: int, num_features: int, size: int = 8) -> list[int
     the same block, so the gallery chart stays as it is and is not drawn again."""
     start = (int(channel) // size) * size
     return list(range(start, min(start + size, num_features)))
+
+
+#: Where pretrained weights are at hand without a download.
+WEIGHTS_AT_HAND = ("bundled", "cached")
+
+
+def random_init_for(model: str, remembered: Mapping[str, bool], current: bool,
+                    weights_status: str) -> bool:
+    """Whether ``model`` starts with random init when the student switches to it: as they
+    last left it; else pretrained when its weights are at hand (random init ticked because
+    another model's weights were missing must not stick to one that has them); else as
+    the box is (offline, the next model's weights are likely missing too)."""
+    if model in remembered:
+        return bool(remembered[model])
+    if weights_status in WEIGHTS_AT_HAND:
+        return False
+    return bool(current)

@@ -7,10 +7,14 @@ four sentences that say what a chart shows and what to notice.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..stimuli import PHOTOS
+
 if TYPE_CHECKING:
+    from .config import DashConfig
     from .views import LayerView, ViewData
 
 EXPLAIN: dict[str, str] = {
@@ -41,8 +45,10 @@ EXPLAIN: dict[str, str] = {
     ),
     "feature_maps": (
         "The selected channel of image 0 as a heatmap: before BatchNorm, after it, and after "
-        "the activation that follows. Each pixel is a real value of the tensor (a regular "
-        "subset of positions, never averaged); hover to read it."
+        "the activation that follows. Every pixel is the tensor's own value (up to 112 x 112; "
+        "a larger map shows the means of small blocks, and its title says so); hover to read "
+        "it. Each panel has its own colour bar; tick the box above to put all panels on one "
+        "scale, where equal colours are equal numbers."
     ),
     "gallery": (
         "The block of eight channels around the selected one (conv output, image 0), each on "
@@ -85,7 +91,117 @@ EXPLAIN: dict[str, str] = {
 }
 
 
+#: The first lines of the main page.
+INTRO = (
+    "Every BatchNorm layer of a real network, measured in one forward pass: which statistics "
+    "it normalised with, what it did to its running statistics, and PyTorch's output next to "
+    "the formula worked out by hand. Start with the **network overview**, click a layer, and "
+    "read its charts; the address bar holds the whole view, so a link reproduces it."
+)
+
+#: The invitation under the introduction, for the global mode in use.
+MODE_INVITATION = {
+    "eval": (
+        "Every layer runs in **eval**, as the network is meant to run: it normalises with the "
+        "running statistics it learned in training, so the predictions below are the "
+        "network's real answers. A freshly built torchvision model is in **train** mode until "
+        "`model.eval()` is called: flip to train and see what changes (which statistics each "
+        "layer uses, its running statistics, the predictions)."
+    ),
+    "train": (
+        "Every layer runs in **train**, as a model does before `model.eval()`: it normalises "
+        "with *this batch's* statistics and updates its running ones, so each image's "
+        "prediction depends on the other images of the batch (section 4 sets them beside the "
+        "all-eval ones). Flip back to eval to see the network as it is meant to run."
+    ),
+}
+#: The button under the invitation: the mode it switches to, and its label.
+MODE_FLIP = {"eval": ("train", "Flip to train and see what changes"),
+             "train": ("eval", "Back to eval")}
+
+
+# -- the dashboard's words for bnviz's messages ------------------------------------------------
+
+#: Messages are written for the CLI and the Python API; on the page their fixes name the
+#: dashboard's controls instead. Specific phrasings first, then any flag left.
+_DASHBOARD_FIXES = (
+    (re.compile(r"use --device cpu \(or auto\), or install a CUDA build of PyTorch on a GPU "
+                r"machine\."),
+     "pick cpu (or auto) under Device in the sidebar; this server has no CUDA device."),
+    (re.compile(r"(?:use )?weights=None \(CLI: --weights random\)"),
+     "tick 'Use random init (not pretrained)' in the sidebar"),
+    (re.compile(r"--device cpu"), "cpu under Device in the sidebar"),
+)
+_FLAG_WORDS = {
+    "layer-mode": "the Per-layer settings table",
+    "batch-size": "Batch size", "batch": "Batch size", "size": "Image size",
+    "device": "Device", "mode": "Global mode", "stimulus": "the stimulus controls",
+    "seed": "Seed", "model": "Model", "weights": "'Use random init (not pretrained)'",
+    "layer": "Layer", "channel": "Channel", "composition": "Composition",
+}
+_FLAG = re.compile(r"--(" + "|".join(sorted(map(re.escape, _FLAG_WORDS), key=len,
+                                             reverse=True)) + r")\b")
+
+
+def dashboard_message(text: str) -> str:
+    """A bnviz message with its CLI words (``--device cpu``, ``weights=None (CLI: ...)``)
+    replaced by the dashboard control that does the same."""
+    for pattern, words in _DASHBOARD_FIXES:
+        text = pattern.sub(words, text)
+    return _FLAG.sub(lambda m: _FLAG_WORDS[m.group(1)], text)
+
+
+# -- the batch, described -----------------------------------------------------------------------
+
+
+def _listed(values: list[str], most: int = 6) -> str:
+    shown = values if len(values) <= most else [*values[: most - 1], "…", values[-1]]
+    return ", ".join(shown)
+
+
+def describe_batch(cfg: DashConfig, upload_name: str = "") -> str:
+    """The stimulus as the batch really holds it: with composition 'different' each image
+    is another one (the stimulus spec alone names image 0)."""
+    from .uploads import describe_config_stimulus  # it needs the config, which needs this
+
+    first = describe_config_stimulus(cfg, upload_name)
+    n, p = cfg.batch_size, cfg.param_dict
+    if cfg.composition != "different" or n < 2:
+        return first
+    if cfg.stimulus == "uniform":
+        levels = []
+        for i in range(n):  # as bnviz.stimuli.batch makes them: 1/n apart, wrapping
+            v = float(p["value"]) - i / n
+            levels.append(f"{v + 1.0 if v < 0 else v:.3g}")
+        return f"uniform, a different level per image ({_listed(levels)})"
+    if cfg.stimulus == "image":
+        start = PHOTOS.index(p["name"]) if p.get("name") in PHOTOS else 0
+        names = [PHOTOS[(start + i) % len(PHOTOS)] for i in range(n)]
+        return f"photos {_listed(names)} (one per image)"
+    if cfg.stimulus == "noise":
+        return (f"noise (gaussian, mean {float(p['mean']):g}, std {float(p['std']):g}), "
+                f"seeds {cfg.seed} to {cfg.seed + n - 1}, one per image")
+    if cfg.stimulus == "grating":
+        angles = [f"{float(p['orientation']) + 180.0 * i / n:.3g}°" for i in range(n)]
+        return f"{first}, orientation per image {_listed(angles)}"
+    if cfg.stimulus == "checkerboard":
+        counts = [int(p["squares"])]  # doubling to one-pixel squares, then inverted
+        while counts[-1] * 2 <= cfg.size:
+            counts.append(counts[-1] * 2)
+        boards = [f"{c}×{c}" for c in counts] + [f"{c}×{c} inverted" for c in counts]
+        per_image = [boards[i % len(boards)] for i in range(n)]
+        return f"checkerboards of {_listed(per_image)} squares (one per image)"
+    return first
+
+
 # -- sentences written with a layer's numbers --------------------------------------------------
+
+
+def format_momentum(momentum: float | None) -> str:
+    """A momentum as people write it: up to 6 significant digits (0.01, not
+    0.010000000000000009, which is what 1 - 0.99 is in floating point); 'none' for the
+    cumulative average."""
+    return "none" if momentum is None else f"{momentum:.6g}"
 
 
 def _g(v: float | None, digits: int = 6) -> str:
@@ -97,15 +213,22 @@ def layer_status_text(layer: LayerView, overridden: bool) -> str:
     stats = ("**batch** statistics (mean and biased variance over N x H x W = "
              f"{layer.count} values per channel)" if layer.stats_used == "batch"
              else "its **running** statistics")
-    update = ("and **updated** its running statistics" if layer.updates_running_stats
-              else "and left its running statistics unchanged")
+    if not layer.has_running_stats:
+        update = ("; it has **no running statistics** (track=none, as if built with "
+                  "track_running_stats=False), so it normalises with batch statistics in "
+                  "train and eval alike")
+    elif layer.updates_running_stats:
+        update = (" and **updated** its running statistics (momentum "
+                  f"{format_momentum(layer.momentum)})")
+    else:
+        update = " and left its running statistics unchanged"
     source = "a per-layer override" if overridden else "the global mode"
     act = (f"followed by `{layer.activation}`"
            + (" **in place**" if layer.activation_inplace else " (not in place)")
            if layer.activation else "not directly followed by an activation")
     return (f"`{layer.label}` ({layer.type}, {layer.num_features} channels, input "
             f"{'x'.join(str(s) for s in layer.input_shape)}) ran as `{layer.mode}` "
-            f"(from {source}). It normalised with {stats} {update}; it is {act}.")
+            f"(from {source}). It normalised with {stats}{update}; it is {act}.")
 
 
 def running_update_text(layer: LayerView, channel: int) -> str:
@@ -113,8 +236,9 @@ def running_update_text(layer: LayerView, channel: int) -> str:
     c = int(channel)
     if not layer.updates_running_stats or layer.running_mean_after is None:
         if not layer.has_running_stats:
-            return (f"`{layer.label}` has no running statistics (track_running_stats=None "
-                    "behaviour): it uses batch statistics in train *and* eval.")
+            return (f"`{layer.label}` has no running statistics (track=none: as if built with "
+                    "track_running_stats=False), so there is nothing to update; it normalises "
+                    "with batch statistics in train *and* eval.")
         return (f"No update: in `{layer.mode}` the running statistics of `{layer.label}` are "
                 f"{'read' if layer.stats_used == 'running' else 'ignored'}, not written. "
                 f"Channel {c}: running mean {_g(float(layer.running_mean_before[c]))}, "

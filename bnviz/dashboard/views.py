@@ -71,6 +71,8 @@ class _LayerViewMethods:
 
     @property
     def spatial(self) -> tuple[int, int]:
+        """(height, width) of the maps the charts show (a volume's: of its middle slice,
+        :func:`~bnviz.dashboard.condense.map_plane`)."""
         shape = self.input_shape
         if len(shape) == 4:
             return shape[2], shape[3]
@@ -78,7 +80,7 @@ class _LayerViewMethods:
             return 1, 1
         if len(shape) == 3:
             return 1, shape[2]
-        return int(np.prod(shape[2:-1])), shape[-1]
+        return shape[-2], shape[-1]
 
     def element(self, channel: int, which: int) -> dict:
         """The formula for stored element ``which`` of ``channel`` with its actual numbers

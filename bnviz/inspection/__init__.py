@@ -18,6 +18,9 @@ How it works, and why (the steps in order: :func:`bnviz.inspection.run._run_on_c
   :func:`bnviz.manual_bn.probe_layer`, with the arithmetic done for all those layers at
   once after the forward. On small inputs the fixed cost of many tiny tensor ops and
   Python calls per layer, not memory traffic, is what an inspection pays.
+* **A layer that applies its own activation** (timm's ``BatchNormAct2d``, :mod:`.fused`)
+  is measured when its ``drop``/``act`` child receives the normalised value, before an
+  in-place activation overwrites it; the activation's output is kept separately.
 * **Copy-on-write, not clone-always** (:mod:`.watch`). Kept tensors are held by
   reference; a torch-function mode clones one only when an in-place op is about to
   overwrite it, and names the activation consuming each BN output -- exactly why a hook

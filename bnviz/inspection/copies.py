@@ -229,10 +229,27 @@ class _AnyDimBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
 
+class _AnyDimBatchNormAct(_AnyDimBatchNorm):
+    """timm's SyncBatchNormAct on one device: BatchNorm, then its own ``drop`` and ``act``
+    (the children it was given), as SyncBatchNormAct's forward does."""
+
+    def forward(self, input):
+        out = super().forward(input)
+        for key in ("drop", "act"):
+            child = self._modules.get(key)
+            if child is not None:
+                out = child(out)
+        return out
+
+
 def _as_plain_bn(root: torch.nn.Module, name: str, m: _BatchNorm) -> _BatchNorm:
     if not isinstance(m, torch.nn.SyncBatchNorm):
         return m
-    plain = _AnyDimBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    # a layer with children (timm's norm-act) keeps them: same output, same module names
+    kind = _AnyDimBatchNormAct if m._modules else _AnyDimBatchNorm
+    plain = kind(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    for key, child in m._modules.items():
+        plain._modules[key] = child
     plain.weight, plain.bias = m.weight, m.bias
     plain.running_mean, plain.running_var = m.running_mean, m.running_var
     plain.num_batches_tracked = m.num_batches_tracked

@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .blocks import _block_updates, _checks
 from .copies import _AnyDimBatchNorm
+from .fused import fused_activation
 from .report import LayerReport, _new_report
 from .snapshot import _unchanged
 from .tensors import _cpu, _ints, _report_tensors
@@ -122,6 +123,7 @@ def _layer_reports(session: _Session, bns: dict[str, _BatchNorm],
             "calls": calls[name],
             "activation": rec.activation,
             "activation_inplace": rec.activation_inplace,
+            "fused_activation": fused_activation(bn),
             "overwritten_by": rec.overwritten_by,
             "input": _cpu(rec.input),
             "output": _cpu(rec.output),

@@ -15,6 +15,7 @@ import torch
 from ..errors import LayerError
 from ..manual_bn import explain_element, manual_batch_norm
 from ..modes import unknown_layer_error
+from ..serialize import to_json
 
 
 @dataclass
@@ -76,6 +77,10 @@ class LayerReport:
     calls: int = 1
     activation: str | None = None  # e.g. "relu", "hardtanh" (ReLU6), None if none follows
     activation_inplace: bool | None = None
+    #: the activation the layer's own forward applies after normalising (timm's
+    #: BatchNormAct2d: "SiLU", "ReLU", ...), None for plain BatchNorm; ``output`` is then the
+    #: normalised value before it and ``activation_output`` the activation's result
+    fused_activation: str | None = None
     overwritten_by: str | None = None  # in-place op that later overwrote the BN output
     input: torch.Tensor | None = None
     output: torch.Tensor | None = None  # native BN output, as it was right after BN
@@ -182,6 +187,7 @@ class LayerReport:
             "max_rel_diff": _num(self.max_rel_diff),
             "activation": self.activation,
             "activation_inplace": self.activation_inplace,
+            "fused_activation": self.fused_activation,
             "overwritten_by": self.overwritten_by,
         }
 
@@ -249,6 +255,15 @@ class InspectionReport:
         calls of a module called more than once)."""
         return [layer.label for layer in self.layers]
 
+    def figure(self, kind: str = "overview", layer: str | None = None, channel: int = 0,
+               **options):
+        """The dashboard's plotly figure ``kind`` of this report (``"overview"``,
+        ``"statistics"``, ``"running-update"``, ``"manual-vs-native"``, ``"feature-maps"``,
+        ``"inplace"``, ...): :func:`bnviz.plot.figure`, which lists them and ``options``."""
+        from ..plot import figure  # plotly is loaded on first use, never by import bnviz
+
+        return figure(self, kind, layer, channel, **options)
+
     def to_frame(self):
         """A pandas DataFrame, one row per BN layer (the network overview):
         :meth:`overview_rows` as a table."""
@@ -288,6 +303,7 @@ class InspectionReport:
                     "running_update_diff": layer.running_update_max_abs_diff,
                     "activation": layer.activation,
                     "activation_inplace": layer.activation_inplace,
+                    "fused_activation": layer.fused_activation,
                     "overwritten_by": layer.overwritten_by,
                 }
             )
@@ -314,7 +330,9 @@ class InspectionReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        """Strict JSON of :meth:`to_dict`: a NaN or infinity anywhere (NaN weights give NaN
+        probabilities) is written as ``null``, never an error that leaves an export empty."""
+        return to_json(self.to_dict(), indent=indent)
 
 
 def _jsonable(v: Any) -> bool:

@@ -21,9 +21,12 @@ from ..modes import (
     resolve_modes,
     unknown_layer_error,
 )
+from ..stimuli.finite import nonfinite_summary
 from .blocks import _flat_run
 from .copies import _MODEL_LOCK, _POOL, _CopyInfo, _info
 from .fingerprint import _scan
+from .fused import after_norm, set_children_training
+from .fused import install as install_fused
 from .layer_reports import _layer_reports
 from .report import InspectionReport, Prediction
 from .session import TensorSink, _Session
@@ -37,7 +40,7 @@ class _Request:
 
     module: torch.nn.Module
     loaded: Any  # the bnviz LoadedModel, or None for a plain module
-    model_input: torch.Tensor  # after preprocessing
+    model_input: torch.Tensor | tuple[torch.Tensor, ...]  # after preprocessing
     preprocessing: str | None
     requested: dict[str, LayerMode]  # the layers whose mode was given
     device: torch.device
@@ -67,7 +70,9 @@ def inspect(
         model: a :class:`bnviz.models.LoadedModel` (``x`` are then raw images in [0, 1] and
             the model's preprocessing is applied and recorded) or any ``nn.Module`` (``x`` is
             fed as it is; BatchNorm1d/2d/3d and SyncBatchNorm are all inspected).
-        x: the input batch.
+        x: the input batch, or a tuple of inputs for a model with several (called as
+            ``model(*x)``; the report's ``input_shape`` is the first one's, and
+            ``notes["input_shapes"]`` lists them all).
         modes: one mode string for every BN layer (``"eval"``, ``"train,momentum=none"``,
             ...) or ``{layer name: mode}``; layers not named keep the model's own setting.
             See :mod:`bnviz.modes`.
@@ -108,11 +113,25 @@ def inspect(
             f"inspect() needs an nn.Module or a bnviz LoadedModel, got {type(model).__name__}.",
             "pass bnviz.load_model(name) or your own torch.nn.Module.",
         )
-    if not isinstance(x, torch.Tensor):
+    several = isinstance(x, tuple | list)  # a model with several inputs: model(*x)
+    if not (all(isinstance(t, torch.Tensor) for t in x) and len(x) > 0 if several
+            else isinstance(x, torch.Tensor)):
         raise BnvizError(
-            f"inspect() needs a tensor input, got {type(x).__name__}.",
+            f"inspect() needs a tensor input (or a tuple of tensors), got "
+            f"{type(x).__name__}.",
             "use bnviz.make_stimulus(...) or a torch.Tensor of shape (N, C, H, W).",
         )
+    if several and loaded is not None and not loaded.preprocess.identity:
+        raise BnvizError(f"{loaded.name} takes one image batch, got a tuple of {len(x)} inputs.",
+                         "pass one tensor of shape (N, 3, H, W).")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise BnvizError(f"Invalid top_k {top_k!r}.", "use a whole number of at least 1.")
+    damage = next((d for d in map(nonfinite_summary, x if several else (x,)) if d), None)
+    if damage is not None:
+        # One NaN reaches every later value through the convolutions: nothing shown would mean
+        # anything, so the input is refused rather than run.
+        raise BnvizError(f"The input holds NaN or infinite values: {damage}.",
+                         "pass finite values (check how the input was made or loaded).")
     dev = resolve_device(device)
     sig, names = _scan(module)
     requested = resolve_modes(modes, names)
@@ -127,7 +146,7 @@ def inspect(
                 raise unknown_layer_error(n, names)
 
     preprocessing = None
-    model_input = x.detach()
+    model_input = tuple(t.detach() for t in x) if several else x.detach()
     if loaded is not None:
         model_input = loaded.preprocess(model_input)
         preprocessing = loaded.preprocess.description
@@ -138,13 +157,13 @@ def inspect(
         return _run(request, sig)
     except torch.cuda.OutOfMemoryError as exc:
         raise DeviceError(
-            f"CUDA ran out of memory inspecting a batch of shape {tuple(x.shape)}.",
+            f"CUDA ran out of memory inspecting a batch of shape {_shape_text(model_input)}.",
             "use a smaller batch size or image, keep fewer tensors, or --device cpu.",
         ) from exc
     except RuntimeError as exc:
         if is_cuda_oom(exc):
             raise DeviceError(
-                f"Out of memory inspecting a batch of shape {tuple(x.shape)}.",
+                f"Out of memory inspecting a batch of shape {_shape_text(model_input)}.",
                 "use a smaller batch size or image, or keep fewer tensors.",
             ) from exc
         raise
@@ -179,7 +198,13 @@ def _run_on_copy(private: torch.nn.Module, req: _Request) -> InspectionReport:
     _set_training_flags(info, req.other_modules)
     like = next(iter(private.parameters()), None)  # dtype/device of buffers track=on creates
     for name, mode in req.requested.items():
-        apply_mode(bns[name], mode, like)
+        bn = bns[name]
+        # nn.Module.train() reaches a norm-act layer's dropout and activation: they keep
+        # the flags the other modules got
+        children = [(c, c.training) for c in bn.modules() if c is not bn] if bn._modules else ()
+        apply_mode(bn, mode, like)
+        if children:
+            set_children_training(bn, children)
     if not info.probed:
         for m in bns.values():
             _install_probe(info, m)
@@ -218,9 +243,10 @@ def _run_on_copy(private: torch.nn.Module, req: _Request) -> InspectionReport:
         model=loaded.name if loaded is not None else type(req.module).__name__,
         weights=loaded.weights if loaded is not None else "caller's module",
         device=str(req.device),
-        input_shape=tuple(req.model_input.shape),
+        input_shape=_shapes(req.model_input)[0],
         preprocessing=req.preprocessing,
-        model_input=_cpu(req.model_input),
+        model_input=(tuple(map(_cpu, req.model_input)) if isinstance(req.model_input, tuple)
+                     else _cpu(req.model_input)),
         predictions=_predictions(out, loaded, req.top_k),
         layers=layers,
         notes=notes,
@@ -250,7 +276,7 @@ def _consumers_key(info: _CopyInfo, req: _Request) -> tuple:
     flags_of = (info.bns.values() if req.other_modules != "keep"
                 else (m for _, m in info.pairs))
     return (req.other_modules, tuple(m.training for m in flags_of),
-            tuple(req.model_input.shape))
+            _shapes(req.model_input))
 
 
 def _install_probe(info: _CopyInfo, module: _BatchNorm) -> None:
@@ -262,6 +288,10 @@ def _install_probe(info: _CopyInfo, module: _BatchNorm) -> None:
     session) it is the layer's own forward.
     """
     native = module.forward  # the class's forward, or one the model set on the instance
+    children = after_norm(module)
+    if children:  # timm's BatchNormAct2d: measured before its own activation
+        install_fused(info, module, native, children)
+        return
 
     def forward(*args, **kwargs):
         session = info.session
@@ -279,12 +309,14 @@ def _forward(private: torch.nn.Module, session: _Session, bns: dict[str, _BatchN
              req: _Request) -> tuple[Any, float]:
     """The network's output and the forward's wall time in ms (inside the session's
     watch, when it has one)."""
-    inp = req.model_input.to(req.device)
+    several = isinstance(req.model_input, tuple)
+    inp = (tuple(t.to(req.device) for t in req.model_input) if several
+           else (req.model_input.to(req.device),))
     watch = session.watch if session.watch is not None else contextlib.nullcontext()
     t0 = time.perf_counter()
     try:
         with torch.no_grad(), watch:
-            out = private(inp)
+            out = private(*inp)
     except ValueError as exc:
         if "Expected more than 1 value per channel" in str(exc):
             raise single_value_error(session.current, bns.get(session.current or ""),
@@ -295,10 +327,22 @@ def _forward(private: torch.nn.Module, session: _Session, bns: dict[str, _BatchN
     return out, (time.perf_counter() - t0) * 1000
 
 
+def _shapes(model_input: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[tuple[int, ...], ...]:
+    """The shape of each input (one for a single tensor)."""
+    inputs = model_input if isinstance(model_input, tuple) else (model_input,)
+    return tuple(tuple(t.shape) for t in inputs)
+
+
+def _shape_text(model_input) -> str:
+    return " and ".join(str(s) for s in _shapes(model_input))
+
+
 def _notes(req: _Request, session: _Session) -> dict[str, Any]:
     notes: dict[str, Any] = {}
     if req.loaded is not None:
         notes.update(req.loaded.notes)
+    if isinstance(req.model_input, tuple):  # the report's input_shape is the first one's
+        notes["input_shapes"] = ["x".join(map(str, s)) for s in _shapes(req.model_input)]
     if not req.names:
         notes["no_batchnorm"] = "this model has no BatchNorm layers"
     missing = [n for n in req.names if n not in session.calls]

@@ -152,6 +152,23 @@ class _Session:
             if watch is not None:
                 watch.follow(key, output)
 
+    def activated(self, key: str, act: torch.nn.Module, x, out) -> None:
+        """The activation a norm-act layer applies itself (:mod:`.fused`) made ``out`` from
+        the normalised ``x``: name it (unless the watch named the function it called) and
+        keep its output with the layer's other tensors."""
+        with torch._C.DisableTorchFunction():
+            rec = self.records.get(key)
+            if rec is None:
+                return
+            if rec.activation is None:
+                rec.activation = type(act).__name__.lower()
+                rec.activation_inplace = out is x
+            if (rec.layer in self.keep and isinstance(out, torch.Tensor)
+                    and rec.activation_output is not out):
+                rec.activation_output = out
+                if self.watch is not None:  # a later in-place op must not change it
+                    self.watch.watch(key, "activation_output", out)
+
     def _hand_off(self) -> None:
         """Give the sink every kept layer that finished before the current one started."""
         order = self.order

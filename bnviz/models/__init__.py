@@ -18,6 +18,9 @@ Weights sources, in order of preference:
   program are reused. Missing files are downloaded here (not by torchvision) so that a UI can
   show a progress bar and so that offline failures turn into a fix-it message
   (:mod:`.weights`, :mod:`.zoo`).
+* timm models, ``"timm:<name>"`` (:mod:`.timm_zoo`; :data:`TIMM_MODELS` is a curated list
+  for pickers): timm's own pretrained loader reading its file from the Hugging Face hub
+  cache, downloaded there first with progress when missing.
 * a user checkpoint: a plain ``state_dict`` file (:mod:`.checkpoint`).
 
 Every file is read with ``torch.load(..., weights_only=True)``. torchvision's own pretrained
@@ -34,8 +37,9 @@ individual layers to the modes the user asks for explicitly.
 
 Layout: :mod:`.preprocessing` (input normalisation), :mod:`.registry` (names, architecture
 builders, BatchNorm counts), :mod:`.weights` (hub cache and downloads), :mod:`.checkpoint`
-(state_dict files), :mod:`.lite` and :mod:`.zoo` (the two model families), :mod:`.loaded`
-(:class:`LoadedModel`, :func:`from_module`) and :mod:`.load` (:func:`load_model`).
+(state_dict files), :mod:`.lite`, :mod:`.zoo` and :mod:`.timm_zoo` (the model families),
+:mod:`.loaded` (:class:`LoadedModel`, :func:`from_module`) and :mod:`.load`
+(:func:`load_model`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from .registry import _build_lite as _build_lite
 from .registry import _build_torchvision as _build_torchvision
 from .registry import _resolve_name as _resolve_name
 from .registry import architecture_bn_count as architecture_bn_count
+from .timm_zoo import TIMM_MODELS, is_timm_name
 from .weights import DOWNLOAD_TIMEOUT_S as DOWNLOAD_TIMEOUT_S
 from .weights import PROBE_TIMEOUT_S as PROBE_TIMEOUT_S
 from .weights import ProgressCallback as ProgressCallback
@@ -71,6 +76,7 @@ _urlopen = urllib.request.urlopen
 
 __all__ = [
     "DEFAULT_MODEL",
+    "TIMM_MODELS",
     "TORCHVISION_MODELS",
     "LoadedModel",
     "Preprocessing",
@@ -78,6 +84,7 @@ __all__ = [
     "download_weights",
     "fetch_weights",
     "from_module",
+    "is_timm_name",
     "list_models",
     "load_model",
     "weights_status",

@@ -37,7 +37,8 @@ def _load_lite(mode: str, weights: object, kwargs: dict[str, Any]) -> LoadedMode
         module = _build_lite(kwargs)
         label = f"The bundled efficientnet_lite0 weights file {path}"
         fix = f"reinstall {_LITE_PACKAGE_NAME}."
-        _apply_state_dict(module, _read_state_dict(path, label, fix), name, label, fix)
+        state = _read_state_dict(path, label, fix, damaged_fix=fix)
+        _apply_state_dict(module, state, name, label, fix)
         text = f"pretrained ImageNet (bundled {_LITE_PACKAGE_NAME})"
         status = "bundled"
         notes["weights_file"] = path

@@ -39,7 +39,13 @@ def list_models() -> list[str]:
 
 
 def _resolve_name(name: object) -> str:
-    """Registry key for ``name``; forgiving about case and '-' vs '_' (``EfficientNet-Lite0``)."""
+    """Registry key for ``name``; forgiving about case and '-' vs '_' (``EfficientNet-Lite0``).
+
+    ``"timm:<name>"`` is any timm model, checked against timm's own list."""
+    from .timm_zoo import is_timm_name, resolve_timm_name  # imports this module
+
+    if is_timm_name(name):
+        return resolve_timm_name(name)  # type: ignore[arg-type]
     names = list_models()
     key = name.strip().lower().replace("-", "_") if isinstance(name, str) else None
     if key in names:
@@ -132,6 +138,10 @@ def architecture_bn_count(name: str) -> int:
     (resnet50, densenet121, vgg11_bn) would cost seconds on a laptop CPU.
     """
     resolved = _resolve_name(name)
+    if resolved.startswith("timm:"):
+        from .timm_zoo import timm_bn_count
+
+        return timm_bn_count(resolved)
 
     def build() -> nn.Module:
         if resolved == DEFAULT_MODEL:

@@ -1,5 +1,6 @@
 """torchvision weights in the torch hub cache: where each file lives, downloading it with
-progress and a hash check, and saying where a model's weights would come from."""
+progress and a hash check, checking a cached file against the hash in its name, and saying
+where a model's weights would come from."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import http.client
 import os
 import re
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -34,6 +36,12 @@ _USER_AGENT = "bnviz (model weights download)"
 _HASH_PREFIX_RE = re.compile(r"-([a-f0-9]+)\.")
 
 ProgressCallback = Callable[[int, int], None]
+
+#: sha256 of files already hashed, by (path, size, mtime, inode): a cached weights file is
+#: hashed once per process (hundreds of MB for the large models), again only when replaced.
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+_DIGESTS_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,54 @@ def _hash_prefix(filename: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _file_key(path: str) -> tuple[str, int, int, int]:
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _remember_digest(key: tuple[str, int, int, int], digest: str) -> None:
+    with _DIGESTS_LOCK:
+        _DIGESTS.pop(key, None)
+        while len(_DIGESTS) >= _DIGESTS_KEPT:
+            _DIGESTS.pop(next(iter(_DIGESTS)))
+        _DIGESTS[key] = digest
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of the file at ``path``, computed once per version of the file."""
+    path = os.fspath(path)
+    key = _file_key(path)
+    with _DIGESTS_LOCK:
+        digest = _DIGESTS.get(key)
+    if digest is None:
+        sha = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                sha.update(chunk)
+        digest = sha.hexdigest()
+        _remember_digest(key, digest)
+    return digest
+
+
+def _cache_problem(info: _WeightsFile) -> str | None:
+    """None when the cached file is the published one, else why not (a phrase).
+
+    torchvision's file names carry the start of the file's sha256 (``resnet18-f37072fd.pth``),
+    and torch.hub checks it only while downloading: any file later put under that name, say a
+    random init saved by a script, would otherwise be called pretrained.
+    """
+    promise = seam("_hash_prefix")(info.filename)
+    if not promise:
+        return None
+    try:
+        digest = file_sha256(info.path)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror})"
+    if digest.startswith(promise):
+        return None
+    return f"its sha256 starts with {digest[: len(promise)]}, but the file name promises {promise}"
+
+
 def _manual_fix(filename: str, url: str, cache_dir: str) -> str:
     return (
         f"download {url} on a machine with internet access and copy it to "
@@ -94,6 +150,7 @@ def download_weights(
     progress: ProgressCallback | None = None,
     model_name: str | None = None,
     timeout: float = DOWNLOAD_TIMEOUT_S,
+    replacing: str | None = None,
 ) -> str:
     """Download ``url`` to ``dest`` atomically, verifying a sha256 prefix; return ``dest``.
 
@@ -106,6 +163,7 @@ def download_weights(
     Every failure (offline, HTTP error, truncated transfer, hash mismatch, unwritable cache)
     raises :class:`WeightsUnavailableError` naming the file, the URL and the folder, with
     ``.url`` / ``.filename`` / ``.cache_dir`` set so a UI can offer the manual route.
+    ``replacing``: why the file already at ``dest`` is not used (its messages say so).
     """
     dest = os.path.abspath(os.fspath(dest))
     cache_dir, filename = os.path.split(dest)
@@ -143,6 +201,15 @@ def download_weights(
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 # URLError/HTTPError/TimeoutError/ConnectionError are all OSErrors;
                 # IncompleteRead is an HTTPException; ValueError covers a malformed URL.
+                if replacing:
+                    raise WeightsUnavailableError(
+                        f"The cached file {dest} is not the published {filename} "
+                        f"({replacing}), so bnviz does not use it as {what}; downloading the "
+                        f"published file from {url} failed ({_reason(exc)}).",
+                        f"delete it (bnviz downloads the published file again when online), "
+                        f"or {fix}",
+                        **where,
+                    ) from exc
                 raise WeightsUnavailableError(
                     f"{what[0].upper()}{what[1:]} ({filename}) are not in the cache folder "
                     f"{cache_dir} and downloading them from {url} failed ({_reason(exc)}).",
@@ -166,6 +233,7 @@ def download_weights(
             )
         os.replace(tmp, dest)
         keep = True
+        _remember_digest(_file_key(dest), digest)
         return dest
     finally:
         if not keep:
@@ -181,17 +249,27 @@ def fetch_weights(name: str, *, progress: ProgressCallback | None = None) -> str
     file's path. Builds no model: the dashboard shows the download's progress with this
     and then loads the model once, from the cache.
 
+    A cached file whose sha256 does not start with the prefix in its name is not the
+    published one: it is downloaded again, and replaced only once the new copy is complete
+    and verified.
+
     Raises :class:`~bnviz.errors.WeightsUnavailableError` (naming the file, the URL and
     the cache folder) when the file is neither cached nor downloadable.
     """
     key = _resolve_name(name)
+    if key.startswith("timm:"):  # the Hugging Face hub cache, timm's
+        from .timm_zoo import fetch_timm_weights
+
+        return fetch_timm_weights(key, progress=progress)
     if key not in TORCHVISION_MODELS:
         raise BnvizError(f"{key} ships its weights with bnviz: there is nothing to fetch.",
                          f"fetch one of: {', '.join(TORCHVISION_MODELS)}.")
     info = _weights_file(key)
-    if not os.path.isfile(info.path):
-        download_weights(info.url, info.path, hash_prefix=seam("_hash_prefix")(info.filename),
-                         progress=progress, model_name=key)
+    problem = _cache_problem(info) if os.path.isfile(info.path) else None
+    if problem is None and os.path.isfile(info.path):
+        return info.path
+    download_weights(info.url, info.path, hash_prefix=seam("_hash_prefix")(info.filename),
+                     progress=progress, model_name=key, replacing=problem)
     return info.path
 
 
@@ -217,12 +295,17 @@ def weights_status(name: str, *, check_network: bool = True) -> str:
     Returns "bundled" (ships with a Python package), "cached" (already in the torch hub
     cache), "downloadable" (not cached, download server reachable), "unavailable offline"
     (not cached, server unreachable) or, with ``check_network=False`` (no probe, for
-    instant UI rendering), "not cached". "none" would mean a model without pretrained
-    weights; no registry model is like that today.
+    instant UI rendering), "not cached". "none" means a model without pretrained weights
+    (some timm models); no registry model is like that today. For timm models "cached"
+    means the Hugging Face hub cache.
     """
     key = _resolve_name(name)
     if key == DEFAULT_MODEL:
         return "bundled"
+    if key.startswith("timm:"):
+        from .timm_zoo import timm_weights_status
+
+        return timm_weights_status(key, check_network=check_network)
     try:
         info = _weights_file(key)
     except (ValueError, KeyError, AttributeError):

@@ -19,7 +19,7 @@ from .loaded import LoadedModel, _class_names
 from .preprocessing import _torchvision_preprocessing
 from .registry import _pretrained_kwargs, _random_kwargs
 from .seams import seam
-from .weights import ProgressCallback, _weights_enum, _weights_file, fetch_weights
+from .weights import ProgressCallback, _cache_problem, _weights_enum, _weights_file, fetch_weights
 
 
 def _notes_for(name: str, module: nn.Module) -> dict[str, object]:
@@ -45,7 +45,8 @@ def _load_torchvision(
     if mode == "pretrained":
         build_kwargs = _pretrained_kwargs(name, kwargs)  # reject bad kwargs before downloading
         info = _weights_file(name)
-        if os.path.isfile(info.path):
+        # only the published file (its sha256 matches its name) is called pretrained
+        if os.path.isfile(info.path) and _cache_problem(info) is None:
             status, where = "cached", "torch hub cache"
         else:
             fetch_weights(name, progress=progress)
@@ -56,7 +57,7 @@ def _load_torchvision(
             f"delete it so bnviz downloads a fresh copy (or copy the official file from "
             f"{info.url} there), or use weights=None (CLI: --weights random)."
         )
-        state = _read_state_dict(info.path, label, fix)
+        state = _read_state_dict(info.path, label, fix, damaged_fix=fix)
         _remap_legacy_keys(name, state)
         _apply_state_dict(module, state, name, label, fix)
         if name == "googlenet" and not kwargs.get("aux_logits", False):

@@ -3,16 +3,20 @@
 Every helper is a pure function of arrays that an experiment put into its result, so a
 figure always shows the numbers the verdict was computed from. Errors are drawn on a log
 scale (a correct formula is ~1e-7 off, a wrong one ~1): exact zeros are lifted to
-:data:`LOG_FLOOR` and labelled "0" so they stay visible.
+:data:`LOG_FLOOR` and labelled "0" so they stay visible. Maps have a colour bar each (or one
+shared bar), and "changed" masks use the dashboard's one convention
+(:func:`bnviz.chart_style.mask_heatmap`: red = changed, light grey = unchanged).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from ..chart_style import SUBPLOT_TITLE_CHARS, mask_heatmap, wrap_words
 
 __all__ = [
     "LOG_FLOOR",
@@ -110,27 +114,57 @@ def grouped_bars(categories: Sequence[str], series: Mapping[str, Sequence[float 
     return fig
 
 
-def heatmaps(maps: Mapping[str, object], *, title: str, max_size: int = 64,
-             shared_scale: bool = True, colorscale: str = "RdBu_r") -> go.Figure:
-    """Side-by-side heatmaps of 2-D maps (downsampled), one colour scale when ``shared_scale``
-    so equal values look equal across panels."""
+def _abs_max(a: np.ndarray) -> float:
+    finite = np.abs(a[np.isfinite(a)])
+    return float(finite.max()) if finite.size else 0.0
+
+
+def _colorbar(domains: Sequence[Sequence[float]], **extra) -> dict:
+    """A horizontal colour bar under the panels spanning ``domains`` (readable on a phone)."""
+    x0, x1 = domains[0][0], domains[-1][1]
+    return {"orientation": "h", "x": (x0 + x1) / 2, "xanchor": "center", "len": x1 - x0,
+            "y": -0.03, "yanchor": "top", "thickness": 9, "tickfont": {"size": 10},
+            "nticks": 5, **extra}
+
+
+def heatmaps(maps: Mapping[str, object], *, title: str, max_size: int = 112,
+             shared_scale: bool = True, colorscale: str = "RdBu_r",
+             masks: Collection[str] = ()) -> go.Figure:
+    """Side-by-side heatmaps of 2-D maps (block means when larger than ``max_size``), each
+    with a colour bar under it, or one bar under them all when ``shared_scale`` (equal
+    values then look equal across panels).
+
+    The maps named in ``masks`` are 0/1 "changed" masks: drawn as every page draws them
+    (:func:`bnviz.figures.mask_heatmap`), outside the shared scale; a block of a mask
+    larger than ``max_size`` counts as changed when any value in it is.
+    """
     names = list(maps)
-    arrays = [downsample(maps[n], max_size) for n in names]
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names,
-                        horizontal_spacing=0.04)
-    lim = max((float(np.nanmax(np.abs(a))) for a in arrays if a.size), default=1.0) or 1.0
-    for i, a in enumerate(arrays, start=1):
-        own = float(np.nanmax(np.abs(a))) if a.size else 1.0
-        bound = lim if shared_scale else (own or 1.0)
-        fig.add_trace(
-            go.Heatmap(z=a, zmin=-bound, zmax=bound, colorscale=colorscale,
-                       showscale=i == len(arrays), coloraxis=None),
-            row=1, col=i,
-        )
+    arrays = {n: downsample(maps[n], max_size) for n in names}
+    values = [n for n in names if n not in masks]
+    chars = SUBPLOT_TITLE_CHARS.get(len(names), 9)
+    fig = make_subplots(rows=1, cols=len(names), horizontal_spacing=0.06,
+                        subplot_titles=[wrap_words(n, chars) for n in names])
+    domains = {n: fig.layout["xaxis" if i == 1 else f"xaxis{i}"].domain
+               for i, n in enumerate(names, start=1)}
+    lim = max((_abs_max(arrays[n]) for n in values), default=0.0) or 1.0
+    for i, n in enumerate(names, start=1):
+        a = arrays[n]
+        if n in masks:
+            spec = mask_heatmap(a > 0, colorbar=_colorbar([domains[n]]))
+            spec.pop("type")
+            trace = go.Heatmap(spec)
+        else:
+            bound = lim if shared_scale else (_abs_max(a) or 1.0)
+            shown = [domains[v] for v in values] if shared_scale else [domains[n]]
+            trace = go.Heatmap(z=a, zmin=-bound, zmax=bound, colorscale=colorscale,
+                               showscale=not shared_scale or n == values[-1],
+                               colorbar=_colorbar(shown), name=n)
+        fig.add_trace(trace, row=1, col=i)
         fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=i,
                          scaleanchor="x" if i == 1 else f"x{i}")  # square pixels
         fig.update_xaxes(showticklabels=False, row=1, col=i)
-    fig.update_layout(title=title, margin={"t": 80, "b": 10})
+    # room for two-line panel titles under the chart's title
+    fig.update_layout(title=title, margin={"t": 105, "b": 50})
     return fig
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..chart_style import MASK_TITLE
 from ..devices import resolve_device
 from ..errors import LayerError
 from ..modes import bn_layers, unknown_layer_error
@@ -269,8 +270,9 @@ def figures(result: PitfallResult) -> list:
     figs = [heatmaps(
         {"true BN output (clone)": a["true_map"],
          "hook keeping a reference": a["reference_map"],
-         "overwritten (1 = changed)": a["changed_map"]},
+         MASK_TITLE: a["changed_map"]},
         title=f"{d['layer']}, image 0, channel {c}: what the reference-keeping hook shows",
+        masks=(MASK_TITLE,),
     )]
     channels = [str(i) for i in range(len(a["per_channel_overwritten"]))]
     figs.append(grouped_bars(

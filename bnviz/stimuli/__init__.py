@@ -38,7 +38,7 @@ images), :mod:`.photos` (bundled photographs), :mod:`.files` (user image files),
 
 from __future__ import annotations
 
-from .batch import make_stimulus
+from .batch import batch_of_image, make_stimulus
 from .files import IMAGE_EXTENSIONS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, load_image
 from .params import (
     COMPOSITIONS,
@@ -63,6 +63,7 @@ __all__ = [
     "MIN_SIZE",
     "PHOTOS",
     "STIMULUS_KINDS",
+    "batch_of_image",
     "describe_stimulus",
     "load_image",
     "make_stimulus",

@@ -100,6 +100,20 @@ def _different(kind: str, p: dict[str, Any], size: int, batch_size: int,
     return torch.stack(images)
 
 
+def batch_of_image(image: torch.Tensor, batch_size: int = 1, *, composition: str = "copies",
+                   seed: int = 0) -> torch.Tensor:
+    """The batch :func:`make_stimulus` composes around one loaded image ``(3, size, size)``,
+    exactly as for a ``file`` stimulus: ``copies`` repeats it, ``jitter`` and ``different``
+    (one file is one image) jitter it. The dashboard's uploads use it with an image decoded
+    from bytes, so that no message can name the file's place on the server."""
+    composition = _check_composition(composition)
+    batch_size = _check_batch_size(batch_size)
+    seed = _check_seed(seed)
+    if composition == "copies":
+        return image.unsqueeze(0).repeat(batch_size, 1, 1, 1).contiguous()
+    return _jitter(image, batch_size, seed).contiguous()
+
+
 def make_stimulus(kind: str, size: int = 224, batch_size: int = 1, *,
                   composition: str = "copies", seed: int = 0, **params: Any) -> torch.Tensor:
     """A batch of raw images in ``[0, 1]``: float32 ``(batch_size, 3, size, size)``, on CPU.

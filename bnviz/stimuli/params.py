@@ -192,9 +192,10 @@ def _check_params(kind: str, params: dict[str, Any], size: int | None) -> dict[s
             bounds = (
                 f"between {_fmt(p.lo)} and {_fmt(hi)}" if p.lo is not None and hi is not None
                 else f"at least {_fmt(p.lo)}" if p.lo is not None
-                else "any number"
+                else ""
             )
-            fix = f"use a number {bounds} for {name!r}"
+            fix = (f"use a number {bounds} for {name!r}" if bounds
+                   else f"use any finite number for {name!r}")
             if p.unit:
                 fix += f" ({p.unit})"
             fix += f", e.g. {example}."
@@ -209,7 +210,10 @@ def _check_params(kind: str, params: dict[str, Any], size: int | None) -> dict[s
                 )
                 kind_word = "a number"
             if number is None or not math.isfinite(number):
-                raise StimulusError(f"{what} must be {kind_word}, got {value!r}.", fix)
+                # nan and inf too: the message names the range, as for any other bad value
+                kind_word = "a finite number" if number is not None else kind_word
+                in_range = f" {bounds}" if bounds else ""
+                raise StimulusError(f"{what} must be {kind_word}{in_range}, got {value!r}.", fix)
             if p.lo is not None and number < p.lo:
                 raise StimulusError(f"{what} must be {bounds}, got {_fmt(number)}.", fix)
             if hi is not None and number > hi:

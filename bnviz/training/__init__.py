@@ -18,7 +18,11 @@ Modules, one subject each:
 - :mod:`~bnviz.training.lab`: :func:`train_lab`, the run loop;
 - :mod:`~bnviz.training.results` and :mod:`~bnviz.training.verdict`: what a run records
   and what it concludes;
+- :mod:`~bnviz.training.thinning`: how a long run keeps a bounded number of curve points;
+- :mod:`~bnviz.training.threads`: a run's CPU threads, set for its own thread only;
 - :mod:`~bnviz.training.job`: :class:`TrainingJob`, a run in a background thread;
+- :mod:`~bnviz.training.jobs`: :class:`JobBoard`, a server's jobs: one per session, a few at
+  a time, the others queued, stopped when their session ends;
 - :mod:`~bnviz.training.cli`: the ``bnviz train`` subcommand (:func:`register_cli`);
 - :mod:`~bnviz.training.figures` and :mod:`~bnviz.training.tables`: the page's plotly
   figures and data frames, pure functions of a :class:`TrainResult` (imported on demand,
@@ -41,9 +45,11 @@ from .config import (
 from .data import CLASS_NAMES, Dataset, DataSpec, batch_order, make_dataset
 from .gradients import GradientCheck, gradient_check
 from .job import TrainingJob
-from .lab import SGD_MOMENTUM, TRAIN_MODE_VAL_BATCHES, torch_threads, train_lab
+from .jobs import JobBoard, TrainingInProgressError, default_board
+from .lab import SGD_MOMENTUM, TRAIN_MODE_VAL_BATCHES, train_lab
 from .model import ManualBatchNorm2d, SmallCNN, build_model, initial_state, make_bn
 from .results import LayerTrace, TrainResult, VariantHistory
+from .threads import torch_threads
 from .verdict import NO_GAP_POINTS, verdict_lines
 
 __all__ = [
@@ -58,18 +64,21 @@ __all__ = [
     "DataSpec",
     "Dataset",
     "GradientCheck",
+    "JobBoard",
     "LayerTrace",
     "ManualBatchNorm2d",
     "SmallCNN",
     "TrainConfig",
     "TrainConfigError",
     "TrainResult",
+    "TrainingInProgressError",
     "TrainingJob",
     "VariantHistory",
     "batch_order",
     "build_model",
     "cmd_train",
     "config_from_args",
+    "default_board",
     "gradient_check",
     "initial_state",
     "make_bn",

@@ -78,9 +78,13 @@ class TrainConfig:
 
     ``layer`` and ``channels`` choose which running-statistics traces :meth:`TrainResult.
     to_dict` and the CLI report; the result keeps every channel of every layer, so the page
-    can switch channels without retraining. ``threads`` is the number of CPU threads torch
-    may use *while this run trains* (restored afterwards); see
-    :func:`bnviz.training.lab.torch_threads`.
+    can switch channels without retraining. ``curve_points`` bounds what a run keeps of
+    each curve, however many steps it trains (:mod:`bnviz.training.thinning`).
+
+    ``threads`` is the number of CPU threads torch uses for this run, set for the thread
+    that trains it only (:func:`bnviz.training.threads.torch_threads`): the process's count
+    and other threads (a server's other sessions) are never changed. ``None``: the calling
+    thread's count as it is.
     """
 
     steps: int = 200
@@ -99,6 +103,7 @@ class TrainConfig:
     noise: float = 0.25
     widths: tuple[int, int, int] = (8, 16, 32)
     threads: int | None = 1
+    curve_points: int = 500
 
     def validated(self) -> TrainConfig:
         """A normalised copy, or :class:`TrainConfigError` naming the bad option and the fix."""
@@ -146,11 +151,13 @@ class TrainConfig:
             raise TrainConfigError(f"Noise {self.noise!r} is outside [0, 2].",
                                    "use a pixel-noise standard deviation such as 0.25.")
         threads = None if self.threads is None else _whole("threads", self.threads, 1, 256)
+        curve_points = _whole("curve_points", self.curve_points, 4, 1_000_000)
         resolve_device(self.device)
         return replace(self, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                        variants=tuple(variants), momenta=momenta, channels=tuple(channels),
                        eval_every=eval_every, image_size=image_size, n_train=n_train,
-                       n_val=n_val, noise=noise, widths=widths, threads=threads)
+                       n_val=n_val, noise=noise, widths=widths, threads=threads,
+                       curve_points=curve_points)
 
     @property
     def data_spec(self) -> DataSpec:

@@ -15,18 +15,38 @@ from plotly.subplots import make_subplots
 from .results import TrainResult
 
 COLORS = {"native": "#1f77b4", "manual": "#2ca02c", "detached": "#d62728", "frozen": "#9467bd"}
-# manual lies on top of native when all is well: dashed, so both stay visible.
+# manual lies exactly on native when all is well: native is drawn first as a wide pale band
+# and manual as a thin dashed line on top of it, so both stay visible (the legend says so).
 DASH = {"manual": "dash"}
+WIDTH = {"native": 6.0}
+OPACITY = {"native": 0.45}
+#: The legend's heading wherever native and manual are both drawn.
+OVERLAP_NOTE = "native: wide pale line · manual: thin line drawn on top of it"
 MOMENTUM_COLORS = {"0.1": "#ff7f0e", "0.01": "#17becf", "None": "#8c564b", "0.3": "#e377c2",
                    "0.001": "#bcbd22"}
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 340) -> go.Figure:
+    names = {t.name for t in fig.data}
+    overlap = {"native", "manual"} <= names or {"native eval mode", "manual eval mode"} <= names
     fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=50, b=10),
-                      legend=dict(orientation="h", y=-0.22), hovermode="x unified")
+                      legend=dict(orientation="h", y=-0.22,
+                                  title=dict(text=OVERLAP_NOTE if overlap else "",
+                                             side="top")),
+                      hovermode="x unified")
     fig.update_xaxes(title_text=x)
     fig.update_yaxes(title_text=y)
     return fig
+
+
+def _native_first(result: TrainResult) -> list[tuple[str, object]]:
+    """The variants' histories with native first: drawn first, it lies under the others."""
+    return sorted(result.histories.items(), key=lambda item: item[0] != "native")
+
+
+def _line(variant: str, **extra) -> dict:
+    return dict(color=COLORS[variant], width=WIDTH.get(variant, 1.5),
+                dash=DASH.get(variant), **extra)
 
 
 def _arr(values) -> np.ndarray:
@@ -41,18 +61,19 @@ def _figure(traces: list[go.Scatter]) -> go.Figure:
 
 
 def fig_loss(result: TrainResult) -> go.Figure:
-    """Each variant's training loss, one point per step."""
+    """Each variant's training loss, one point per kept step (every step of a short run)."""
     fig = _figure([go.Scatter(x=_arr(h.step), y=_arr(h.loss), name=v, mode="lines",
-                              line=dict(color=COLORS[v], width=1.5, dash=DASH.get(v)))
-                   for v, h in result.histories.items()])
+                              line=_line(v), opacity=OPACITY.get(v, 1.0))
+                   for v, h in _native_first(result)])
     return _layout(fig, "Training loss (cross-entropy of each step's batch)", "step", "loss")
 
 
 def fig_val_acc(result: TrainResult) -> go.Figure:
     """Each variant's eval-mode validation accuracy at every evaluation point, and chance."""
     fig = _figure([go.Scatter(x=_arr(h.eval_step), y=_arr(h.val_acc_eval), name=v,
-                              mode="lines+markers", line=dict(color=COLORS[v], dash=DASH.get(v)))
-                   for v, h in result.histories.items()])
+                              mode="lines+markers", line=_line(v), opacity=OPACITY.get(v, 1.0),
+                              marker=dict(size=9 if v == "native" else 5))
+                   for v, h in _native_first(result)])
     fig.add_hline(y=result.chance, line_dash="dot", line_color="gray",
                   annotation_text=f"chance {result.chance:.0%}")
     fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
@@ -63,24 +84,26 @@ def fig_val_acc(result: TrainResult) -> go.Figure:
 def fig_train_eval(result: TrainResult) -> go.Figure:
     """Each variant's validation accuracy in train mode (dotted) and eval mode (solid)."""
     traces = []
-    for v, h in result.histories.items():
+    for v, h in _native_first(result):
+        width, opacity = WIDTH.get(v, 1.5), OPACITY.get(v, 1.0)
         traces.append(go.Scatter(x=_arr(h.eval_step), y=_arr(h.val_acc_eval),
-                                 name=f"{v} eval mode", mode="lines",
-                                 line=dict(color=COLORS[v])))
+                                 name=f"{v} eval mode", mode="lines", opacity=opacity,
+                                 line=dict(color=COLORS[v], width=width)))
         traces.append(go.Scatter(x=_arr(h.eval_step), y=_arr(h.val_acc_train),
-                                 name=f"{v} train mode", mode="lines",
-                                 line=dict(color=COLORS[v], dash="dot")))
+                                 name=f"{v} train mode", mode="lines", opacity=opacity,
+                                 line=dict(color=COLORS[v], dash="dot", width=width)))
     fig = _figure(traces)
     fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
-    return _layout(fig, "Validation accuracy: train mode (dotted) vs eval mode (solid)", "step",
-                   "accuracy")
+    return _layout(fig, "Validation accuracy: train mode (dotted)<br>vs eval mode (solid)",
+                   "step", "accuracy")
 
 
 def fig_weight_norm(result: TrainResult) -> go.Figure:
     """Each variant's L2 norm of all conv weights at every evaluation point."""
     fig = _figure([go.Scatter(x=_arr(h.eval_step), y=_arr(h.conv_weight_norm), name=v,
-                              mode="lines+markers", line=dict(color=COLORS[v]))
-                   for v, h in result.histories.items()])
+                              mode="lines+markers", line=_line(v), opacity=OPACITY.get(v, 1.0),
+                              marker=dict(size=9 if v == "native" else 5))
+                   for v, h in _native_first(result)])
     return _layout(fig, "Norm of all conv weights", "step", "‖W‖₂")
 
 
@@ -91,7 +114,7 @@ def fig_running(result: TrainResult, layer: str, channels: Sequence[int]) -> go.
     trace = result.traces.get(layer)
     if trace is None or not trace.batch_mean or not channels:
         return None
-    steps = np.arange(1, len(trace.batch_mean) + 1)
+    steps = _arr(trace.step)
     fig = make_subplots(rows=len(channels), cols=2, shared_xaxes=True,
                         subplot_titles=[t for c in channels
                                         for t in (f"{layer} channel {c}: mean",
@@ -120,8 +143,8 @@ def fig_running(result: TrainResult, layer: str, channels: Sequence[int]) -> go.
                 cols.append(col)
     fig.add_traces(traces, rows=rows, cols=cols)
     fig.update_xaxes(title_text="step", row=len(channels))
-    return _layout(fig, "Running statistics (lines) vs each step's batch statistics (dots); "
-                        "variance: unbiased, as the running update uses", "step", "",
+    return _layout(fig, "Running statistics (lines) vs each step's batch statistics (dots);"
+                        "<br>variance: unbiased, as the running update uses", "step", "",
                    height=260 * len(channels) + 80)
 
 
@@ -141,8 +164,8 @@ def fig_momentum_acc(result: TrainResult) -> go.Figure | None:
                                  line=dict(color="black", dash="dot")))
     fig = _figure(traces)
     fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
-    return _layout(fig, f"Native network, validation accuracy: eval mode with each momentum's "
-                        f"running statistics vs train mode (batch size "
+    return _layout(fig, f"Native network, validation accuracy:<br>eval mode with each "
+                        f"momentum's running statistics vs train mode (batch size "
                         f"{result.config.batch_size})", "step", "accuracy")
 
 
@@ -161,6 +184,9 @@ __all__ = [
     "COLORS",
     "DASH",
     "MOMENTUM_COLORS",
+    "OPACITY",
+    "OVERLAP_NOTE",
+    "WIDTH",
     "fig_loss",
     "fig_momentum_acc",
     "fig_running",

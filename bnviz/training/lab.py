@@ -4,15 +4,15 @@
 *same* initial weights on the *same* batches, so their curves differ only because of their
 BatchNorm; the native network also drives the momentum study
 (:mod:`bnviz.training.momentum_study`). ``on_update``/``should_stop`` hooks serve live
-charts and a Stop button; same config -> identical numbers.
+charts and a Stop button; same config -> identical numbers. However many steps it trains,
+a run keeps a bounded number of points of each curve (:mod:`bnviz.training.thinning`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,33 +24,13 @@ from .gradients import gradient_check
 from .model import SmallCNN, build_model, initial_state
 from .momentum_study import MomentumStudy
 from .results import TrainResult, VariantHistory
+from .thinning import Thinning
+from .threads import torch_threads
 from .verdict import pct
 
 SGD_MOMENTUM = 0.9
 #: Train-mode validation accuracy uses at most this many validation batches.
 TRAIN_MODE_VAL_BATCHES = 64
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Let torch use ``n`` CPU threads inside the block, then restore the previous count.
-
-    Why 1 by default: the lab's tensors are tiny, so a second thread gains little, but an
-    OpenMP team that has to wait for a core taken by another process or another dashboard
-    session spins and stalls, which makes every step several times slower on a busy
-    machine. One thread per run lets concurrent sessions share the cores instead of
-    fighting over them. ``torch.set_num_threads`` is process-wide state, so it is always
-    put back, even when the run is interrupted.
-    """
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @torch.no_grad()
@@ -123,8 +103,12 @@ def _run(cfg: TrainConfig, device: torch.device, data: Dataset, order: torch.Ten
     optims = {v: torch.optim.SGD(models[v].parameters(), lr=cfg.lr, momentum=SGD_MOMENTUM)
               for v in names}
     histories = {v: result.histories.get(v) or result.study_history for v in names}
-    study = (MomentumStudy(models["native"], cfg.momenta, result.traces, device)
-             if study_needed else None)
+    # Each curve keeps at most cfg.curve_points points (evenly spaced, the latest always).
+    per_step = {v: Thinning(cfg.curve_points) for v in names}
+    per_eval = {v: Thinning(cfg.curve_points) for v in names}
+    momentum_eval = Thinning(cfg.curve_points)
+    study = (MomentumStudy(models["native"], cfg.momenta, result.traces, device,
+                           cfg.curve_points) if study_needed else None)
     stopped = False
     # Train-mode accuracy costs one forward per validation batch of ``batch_size`` images;
     # for tiny batch sizes only the first TRAIN_MODE_VAL_BATCHES batches are used.
@@ -135,24 +119,27 @@ def _run(cfg: TrainConfig, device: torch.device, data: Dataset, order: torch.Ten
         for v in names:
             model, probe, hist = models[v], probes[v], histories[v]
             probe.load_state_dict(model.state_dict())
-            hist.eval_step.append(step)
-            hist.val_acc_eval.append(_accuracy(probe.set_training(False), data.x_val,
-                                               data.y_val, 512))
+            acc_eval = _accuracy(probe.set_training(False), data.x_val, data.y_val, 512)
             probe.load_state_dict(model.state_dict())
             probe.train()  # every BN, the frozen one too: batch statistics of the val batch
-            hist.val_acc_train.append(_accuracy(probe, x_val_train, y_val_train, cfg.batch_size))
-            hist.conv_weight_norm.append(_conv_weight_norm(model))
-            hist.running_change.append(_bn_change(model, state, ("running_mean",
-                                                                 "running_var")))
-            hist.affine_change.append(_bn_change(model, state, ("weight", "bias")))
+            acc_train = _accuracy(probe, x_val_train, y_val_train, cfg.batch_size)
+            per_eval[v].record([
+                (hist.eval_step, step), (hist.val_acc_eval, acc_eval),
+                (hist.val_acc_train, acc_train),
+                (hist.conv_weight_norm, _conv_weight_norm(model)),
+                (hist.running_change, _bn_change(model, state, ("running_mean",
+                                                                "running_var"))),
+                (hist.affine_change, _bn_change(model, state, ("weight", "bias")))])
         if study is not None:
             probe = probes["native"]
-            result.momentum_eval_step.append(step)
+            columns: list[tuple[list, object]] = [(result.momentum_eval_step, step)]
             for label in study.labels:
                 probe.load_state_dict(models["native"].state_dict())
                 study.load_into(probe, label)
-                result.momentum_val_acc_eval.setdefault(label, []).append(
-                    _accuracy(probe.set_training(False), data.x_val, data.y_val, 512))
+                columns.append((result.momentum_val_acc_eval.setdefault(label, []),
+                                _accuracy(probe.set_training(False), data.x_val, data.y_val,
+                                          512)))
+            momentum_eval.record(columns)
 
     try:
         for step in range(1, cfg.steps + 1):
@@ -169,9 +156,11 @@ def _run(cfg: TrainConfig, device: torch.device, data: Dataset, order: torch.Ten
                 loss.backward()
                 optims[v].step()
                 hist = histories[v]
-                hist.step.append(step)
-                hist.loss.append(loss.item())
-                hist.train_acc.append(float((logits.argmax(1) == y).float().mean()))
+                loss_value = loss.item()
+                acc = float((logits.argmax(1) == y).float().mean())
+                per_step[v].record([(hist.step, step), (hist.loss, loss_value),
+                                    (hist.train_acc, acc)])
+                hist.record_recent(loss_value, acc, cfg.eval_every)
             result.steps_done = step
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 evaluate(step)
@@ -198,8 +187,8 @@ def _run(cfg: TrainConfig, device: torch.device, data: Dataset, order: torch.Ten
 def _progress_line(result: TrainResult) -> str:
     parts = []
     for v, h in result.histories.items():
-        n = min(result.window, len(h.loss))
-        loss = sum(h.loss[-n:]) / n
+        n = min(result.window, len(h.recent_loss))
+        loss = sum(h.recent_loss[-n:]) / n
         val = h.val_acc_eval[-1] if h.val_acc_eval else None
         parts.append(f"{v} loss {loss:.3f} val {pct(val)}")
     return (f"step {result.steps_done}/{result.config.steps} "

@@ -24,7 +24,11 @@ class VariantHistory:
     a validation batch of ``batch_size`` images, on a copy so no running statistic changes;
     at most :data:`~bnviz.training.lab.TRAIN_MODE_VAL_BATCHES` such batches), the L2 norm
     of all conv weights, and how far the running statistics and the BN affine parameters
-    have moved from their initial values (max absolute change over all BN layers)."""
+    have moved from their initial values (max absolute change over all BN layers).
+
+    A long run keeps a bounded number of points of each curve
+    (:mod:`~bnviz.training.thinning`, ``TrainConfig.curve_points``); ``recent_loss`` and
+    ``recent_train_acc`` keep every one of the last steps, for the final averages."""
 
     variant: str
     step: list[int] = field(default_factory=list)
@@ -36,15 +40,21 @@ class VariantHistory:
     conv_weight_norm: list[float] = field(default_factory=list)
     running_change: list[float] = field(default_factory=list)
     affine_change: list[float] = field(default_factory=list)
+    recent_loss: list[float] = field(default_factory=list)
+    recent_train_acc: list[float] = field(default_factory=list)
 
-    def window(self, n: int) -> slice:
-        return slice(max(0, len(self.loss) - n), len(self.loss))
+    def record_recent(self, loss: float, train_acc: float, keep: int) -> None:
+        """Remember this step's loss and accuracy among at least the last ``keep`` steps
+        (at most ``2 * keep``: trimmed in blocks, so a step costs O(1))."""
+        self.recent_loss.append(loss)
+        self.recent_train_acc.append(train_acc)
+        if len(self.recent_loss) > 2 * keep:
+            del self.recent_loss[:-keep], self.recent_train_acc[:-keep]
 
     def final(self, window: int) -> dict[str, Any]:
         """Final numbers; loss and train accuracy averaged over the last ``window`` steps
         (single batches are noisy), validation from the last evaluation point."""
-        sl = self.window(window)
-        losses, accs = self.loss[sl], self.train_acc[sl]
+        losses, accs = self.recent_loss[-window:], self.recent_train_acc[-window:]
         ev = self.val_acc_eval[-1] if self.val_acc_eval else None
         tr = self.val_acc_train[-1] if self.val_acc_train else None
         return {
@@ -59,25 +69,28 @@ class VariantHistory:
 
 @dataclass
 class LayerTrace:
-    """One BN layer of the native network, every step: the batch statistics of its input
-    and the running statistics after that step's update, for each studied momentum (from
-    ``nn.BatchNorm2d`` layers fed the same input). Lists of ``(C,)`` float32 CPU tensors."""
+    """One BN layer of the native network, at each kept ``step`` (every step of a short
+    run, evenly spaced ones of a long run): the batch statistics of its input and the
+    running statistics after that step's update, for each studied momentum (from
+    ``nn.BatchNorm2d`` layers fed the same input). One tuple of ``C`` floats (float32
+    values) per kept step; :meth:`stacked` gives a tensor."""
 
     layer: str
     num_features: int
-    batch_mean: list[torch.Tensor] = field(default_factory=list)
-    batch_var: list[torch.Tensor] = field(default_factory=list)
-    batch_var_unbiased: list[torch.Tensor] = field(default_factory=list)
-    running_mean: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    running_var: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    step: list[int] = field(default_factory=list)
+    batch_mean: list[tuple[float, ...]] = field(default_factory=list)
+    batch_var: list[tuple[float, ...]] = field(default_factory=list)
+    batch_var_unbiased: list[tuple[float, ...]] = field(default_factory=list)
+    running_mean: dict[str, list[tuple[float, ...]]] = field(default_factory=dict)
+    running_var: dict[str, list[tuple[float, ...]]] = field(default_factory=dict)
 
     def stacked(self, which: str, momentum: str | None = None) -> torch.Tensor:
-        """``(steps, C)`` tensor of ``batch_mean``/``batch_var``/``batch_var_unbiased`` or of
+        """``(kept steps, C)`` tensor of ``batch_mean``/``batch_var``/``batch_var_unbiased`` or of
         ``running_mean``/``running_var`` for the momentum label ``momentum``."""
         seq = getattr(self, which) if momentum is None else getattr(self, which)[momentum]
         if not seq:
             return torch.empty(0, self.num_features)
-        return torch.stack(seq)
+        return torch.tensor(seq, dtype=torch.float32)
 
 
 @dataclass
@@ -159,6 +172,7 @@ class TrainResult:
                                     "summary": self.momentum_rows()}
         if trace is not None:
             ch = list(cfg.channels)
+            momentum["step"] = trace.step
             momentum["batch_mean"] = trace.stacked("batch_mean")[:, ch]
             momentum["batch_var"] = trace.stacked("batch_var")[:, ch]
             momentum["batch_var_unbiased"] = trace.stacked("batch_var_unbiased")[:, ch]
@@ -176,11 +190,18 @@ class TrainResult:
             "chance": self.chance,
             "final_window_steps": self.window,
             "final": self.final_rows(),
-            "histories": {k: asdict(h) for k, h in self.histories.items()},
+            "histories": {k: _curves(h) for k, h in self.histories.items()},
             "momentum": momentum,
             "gradient_check": None if self.gradient is None else self.gradient.to_dict(),
             "verdict": self.verdict,
         })
+
+
+def _curves(history: VariantHistory) -> dict[str, Any]:
+    """A history's curves for JSON (the recent steps are in the final rows already)."""
+    d = asdict(history)
+    del d["recent_loss"], d["recent_train_acc"]
+    return d
 
 
 def _copy_containers(obj: Any) -> Any:
