@@ -372,12 +372,13 @@ class Expected:
 
     model: str = "efficientnet_lite0"
     photo: str = "chelsea"
-    mode: str = "train"
+    mode: str = "eval"  # the page opens in eval
     layer: str = ""  # BN layer name (without the "i: " prefix)
     channel: int = 0
 
     def compute_key(self) -> tuple:
-        return (self.model, self.photo, self.mode)
+        # the overview marks the layer shown below it, so its traces depend on the layer too
+        return (self.model, self.photo, self.mode, self.layer)
 
 
 class ChartRegistry:
@@ -410,10 +411,12 @@ def check_run(run: Run, exp: Expected, registry: ChartRegistry | None, *,
         if header is None:
             problems.append("no header in a full run")
         else:
-            for want in (f"**{exp.model}**", f"global mode **{exp.mode}**",
-                         f"image ({exp.photo})"):
+            for want in (f"**{exp.model}**", f"global mode **{exp.mode}**"):
                 if want not in header:
                     problems.append(f"header lacks {want!r}: {header[:160]!r}")
+            # one photo for the batch, or a different one per image starting with it
+            if f"image ({exp.photo})" not in header and f"photos {exp.photo}" not in header:
+                problems.append(f"header lacks photo {exp.photo!r}: {header[:160]!r}")
     status = next((t for t in run.texts if " ran as `" in t), None)
     if status is not None and exp.layer:
         if not status.startswith(f"`{exp.layer}`"):
@@ -655,7 +658,7 @@ _SHOWS_JS = """([model, mode, photo, layer]) => {
   const status = texts.find(t => t.includes(' ran as '));
   if (!header || !status) return false;
   return header.includes(model) && header.includes('global mode ' + mode)
-      && header.includes('image (' + photo + ')')
+      && (header.includes('image (' + photo + ')') || header.includes('photos ' + photo))
       && (!layer || (status.startsWith(layer + ' (') && status.includes('ran as ' + mode)));
 }"""
 
